@@ -1,0 +1,246 @@
+"""``manifest.json``: the one contract between exporter, calibration, runtime and parity.
+
+The manifest is the only place IO names, shapes and dtypes live; nothing is inferred from file
+names. Readers refuse ``format_version`` values they do not know (llama2.c's rule).
+
+Layout (``format_version`` 1)::
+
+    {
+      "format_version": 1,
+      "model":     {num_layers, num_heads, num_kv_heads, head_dim, hidden_size, intermediate_size,
+                    vocab_size, max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps,
+                    tie_word_embeddings, attention_bias, mlp_bias, name},
+      "dims":      {"batch": {min, opt, max}, "seq": ..., "past": ..., "total": ...},
+      "tokenizer": {files, bos_token_id, eos_token_ids, pad_token_id, add_bos_token, chat_template},
+      "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, ...}, ...},
+      "engines":   [ {path, precision, variant, tensorrt_version, gpu, compute_capability, ...} ],
+      "provenance": {source, source_sha256, tool_version, opset, torch_version, ...},
+      "files":     {"model.onnx": "<sha256>", ...}
+    }
+
+IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_values.{i}.key``,
+``present.{i}.value``) expanded per layer by :func:`expand_io`. Dims are named (``batch``,
+``seq``, ``past``, ``total`` = past + seq) or integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KNOWN_VERSIONS = (1,)
+
+PAST_KEY = "past_key_values.{i}.key"
+PAST_VALUE = "past_key_values.{i}.value"
+PRESENT_KEY = "present.{i}.key"
+PRESENT_VALUE = "present.{i}.value"
+
+_REQUIRED = ("model", "dims", "tokenizer", "variants", "files")
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    dims: tuple[str | int, ...]
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expand_io(entries: Iterable[Mapping[str, Any]], num_layers: int) -> list[TensorSpec]:
+    """Expand ``{i}`` templates into one spec per layer, keeping order (layer-major)."""
+    out: list[TensorSpec] = []
+    for e in entries:
+        dims = tuple(e["dims"])
+        if "{i}" in e["name"]:
+            out.extend(TensorSpec(e["name"].format(i=i), e["dtype"], dims) for i in range(num_layers))
+        else:
+            out.append(TensorSpec(e["name"], e["dtype"], dims))
+    return out
+
+
+class Manifest:
+    """Typed, validated view over the manifest dict. ``data`` stays the JSON source of truth."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        version = data.get("format_version")
+        if version not in KNOWN_VERSIONS:
+            raise BundleError(
+                f"manifest format_version {version!r} is not supported by this llama-export "
+                f"(knows {list(KNOWN_VERSIONS)}): upgrade llama-export or re-export the bundle"
+            )
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise BundleError(
+                f"manifest is missing {', '.join(missing)}: the bundle is incomplete, re-export it"
+            )
+        self.data = data
+
+    # ---- reading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, bundle: str | os.PathLike[str]) -> Manifest:
+        path = Path(bundle) / MANIFEST_NAME
+        if not Path(bundle).is_dir():
+            raise BundleError(f"bundle {bundle} does not exist: run `llama-export onnx -o {bundle}`")
+        if not path.is_file():
+            raise BundleError(
+                f"{path} not found: {bundle} is not a llama-export bundle (or its export did not "
+                "finish); re-export it"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path} is not valid JSON ({e}): re-export the bundle") from None
+        if not isinstance(data, dict):
+            raise BundleError(f"{path} is not a JSON object: re-export the bundle")
+        return cls(data)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return dict(self.data["model"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.data["model"]["num_layers"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.data["model"]["num_kv_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.data["model"]["head_dim"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.data["model"]["vocab_size"])
+
+    @property
+    def dims(self) -> dict[str, DimRange]:
+        return {k: DimRange(int(v["min"]), int(v["opt"]), int(v["max"]))
+                for k, v in self.data["dims"].items()}
+
+    @property
+    def max_context(self) -> int:
+        """Largest past + seq the graph was exported for."""
+        return self.dims["total"].max
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return dict(self.data["tokenizer"])
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        return dict(self.data["variants"])
+
+    @property
+    def engines(self) -> list[dict[str, Any]]:
+        return list(self.data.get("engines", []))
+
+    def variant(self, name: str) -> dict[str, Any]:
+        variants = self.data["variants"]
+        if name not in variants:
+            have = ", ".join(sorted(variants)) or "none"
+            raise BundleError(
+                f"bundle has no '{name}' variant (has: {have}): create it first "
+                f"(`llama-export calibrate` for int8, `llama-export quantize --int4` for int4)"
+            )
+        return dict(variants[name])
+
+    def default_variant(self) -> str:
+        variants = self.data["variants"]
+        for name in ("fp32", "fp16"):
+            if name in variants:
+                return name
+        return next(iter(variants))
+
+    def inputs(self, variant: str) -> list[TensorSpec]:
+        return expand_io(self.variant(variant)["inputs"], self.num_layers)
+
+    def outputs(self, variant: str) -> list[TensorSpec]:
+        return expand_io(self.variant(variant)["outputs"], self.num_layers)
+
+    def kv_dtype(self, variant: str) -> str:
+        for spec in self.variant(variant)["inputs"]:
+            if spec["name"] == PAST_KEY:
+                return str(spec["dtype"])
+        raise BundleError(f"variant '{variant}' has no KV-cache inputs: re-export the bundle")
+
+    # ---- integrity ---------------------------------------------------------------------------
+    def verify_files(self, bundle: str | os.PathLike[str],
+                     only: Iterable[str] | None = None) -> None:
+        """Check that listed files exist and match their sha256 (``only``: a subset)."""
+        files: dict[str, str] = self.data["files"]
+        names = list(files) if only is None else list(only)
+        for rel in names:
+            if rel not in files:
+                raise BundleError(f"{rel} is not listed in the manifest: re-export the bundle")
+            path = Path(bundle) / rel
+            if not path.is_file():
+                raise BundleError(f"{path} is missing from the bundle: re-export or copy it again")
+            if sha256_file(path) != files[rel]:
+                raise BundleError(
+                    f"{path} does not match its sha256 in the manifest (altered or truncated "
+                    "copy): copy the bundle again or re-export it"
+                )
+
+    def files_of_variant(self, name: str) -> list[str]:
+        v = self.variant(name)
+        return [f for f in (v.get("file"), v.get("data_file")) if f]
+
+    # ---- writing -----------------------------------------------------------------------------
+    def record_file(self, bundle: str | os.PathLike[str], rel: str) -> None:
+        self.data["files"][rel] = sha256_file(Path(bundle) / rel)
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+
+    def save(self, bundle: str | os.PathLike[str]) -> None:
+        """Write ``manifest.json`` atomically (temp file in the same folder, then rename)."""
+        atomic_write_text(Path(bundle) / MANIFEST_NAME, self.to_json())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def kv_io_entries(dtype: str, num_kv_heads: int, head_dim: int) -> tuple[list[dict[str, Any]],
+                                                                          list[dict[str, Any]]]:
+    """Template IO entries for the KV cache (layout ``[batch, kv_heads, past, head_dim]``)."""
+    past = [{"name": n, "dtype": dtype, "dims": ["batch", num_kv_heads, "past", head_dim]}
+            for n in (PAST_KEY, PAST_VALUE)]
+    present = [{"name": n, "dtype": dtype, "dims": ["batch", num_kv_heads, "total", head_dim]}
+               for n in (PRESENT_KEY, PRESENT_VALUE)]
+    return past, present
