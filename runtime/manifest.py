@@ -71,14 +71,27 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 
 
 def expand_io(entries: Iterable[Mapping[str, Any]], num_layers: int) -> list[TensorSpec]:
-    """Expand ``{i}`` templates into one spec per layer, keeping order (layer-major)."""
+    """Expand ``{i}`` templates into one spec per layer.
+
+    Consecutive templated entries are interleaved layer-major (``past.0.key, past.0.value,
+    past.1.key, ...``), the order Optimum's exports and our graphs use.
+    """
     out: list[TensorSpec] = []
+    group: list[Mapping[str, Any]] = []
+
+    def flush() -> None:
+        for i in range(num_layers):
+            out.extend(TensorSpec(e["name"].format(i=i), e["dtype"], tuple(e["dims"]))
+                       for e in group)
+        group.clear()
+
     for e in entries:
-        dims = tuple(e["dims"])
         if "{i}" in e["name"]:
-            out.extend(TensorSpec(e["name"].format(i=i), e["dtype"], dims) for i in range(num_layers))
-        else:
-            out.append(TensorSpec(e["name"], e["dtype"], dims))
+            group.append(e)
+            continue
+        flush()
+        out.append(TensorSpec(e["name"], e["dtype"], tuple(e["dims"])))
+    flush()
     return out
 
 
@@ -226,6 +239,7 @@ class Manifest:
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; manifests are shared with the bundle
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -1,0 +1,199 @@
+"""``export_bundle``: model source → verified ONNX bundle, written atomically.
+
+    source ──load──► LlamaConfig + state dict ──► LlamaDecoder ──torch.onnx.export──► raw ONNX
+        ──tidy (readable weight names, one external-data file past 2 GB)──► BUNDLE.tmp/
+        ──verify vs transformers (ONNX Runtime CPU)──► manifest.json (last) ──rename──► BUNDLE
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from llama_export.runtime.errors import InputError
+from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
+
+from .model import LlamaDecoder
+from .onnx_tidy import tidy_onnx
+from .sources import Progress, Source, load_source
+
+TWO_GB = 2 * 1024**3
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    max_seq_len: int | None = None  # default: the model's max positions, capped at 4096
+    max_batch: int = 8
+    opset: int = 17
+    logits: Literal["all", "last"] = "all"
+    force: bool = False
+    verify: bool = True
+
+
+_T0 = time.perf_counter()
+
+
+def _stderr_progress(msg: str) -> None:
+    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if opts.dtype not in VARIANT_FILES:
+        raise InputError(f"--dtype {opts.dtype} is not supported: use fp32 or fp16")
+    if opts.logits not in ("all", "last"):
+        raise InputError(f"--logits {opts.logits} is not supported: use all or last")
+    if not 14 <= opts.opset <= 21:
+        raise InputError(f"--opset {opts.opset} is not supported: use an opset between 14 and 21")
+    if opts.max_seq_len is not None and opts.max_seq_len < 2:
+        raise InputError(f"--max-seq-len {opts.max_seq_len} is too small: use at least 2")
+    if opts.max_batch < 1:
+        raise InputError(f"--max-batch {opts.max_batch} is invalid: use at least 1")
+
+
+def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[str],
+                  options: ExportOptions | None = None,
+                  progress: Progress = _stderr_progress) -> Path:
+    """Export ``model`` (HF folder, .gguf, or None for the built-in SmolLM2) to bundle ``out``."""
+    opts = options or ExportOptions()
+    _check_options(opts)
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise InputError(f"{out} already exists: pass --force to overwrite it, or choose another -o")
+    t0 = time.perf_counter()
+    src = load_source(model, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    try:
+        manifest = _build(src, tmp, opts, progress)
+        if opts.verify:
+            from .verify import verify_bundle
+            report = verify_bundle(tmp, model, manifest=manifest, progress=progress)
+            manifest.data["variants"][opts.dtype]["parity"] = report.to_dict()
+        manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap ``tmp`` into place; an existing bundle is removed only after the new one is ready."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> Manifest:
+    cfg = src.config
+    max_seq = opts.max_seq_len or min(cfg.max_position_embeddings, 4096)
+    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    module = LlamaDecoder(cfg, last_logits_only=opts.logits == "last")
+    module.load_state_dict(src.state_dict, strict=False)
+    _check_loaded(module, src)
+    module = module.to(dtype).eval()
+    file = VARIANT_FILES[opts.dtype]
+    raw_dir = tmp / "raw"
+    raw_dir.mkdir()
+    progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset})")
+    _trace(module, raw_dir / file, opts.opset, dtype)
+    progress("saving ONNX")
+    data_file = tidy_onnx(raw_dir / file, tmp / file, TWO_GB)
+    shutil.rmtree(raw_dir)
+    for name, blob in src.tokenizer_files.items():
+        (tmp / name).write_bytes(blob)
+    manifest = Manifest(_manifest_dict(src, opts, max_seq, file, data_file))
+    for rel in [file, data_file, *src.tokenizer_files]:
+        if rel:
+            manifest.record_file(tmp, rel)
+    return manifest
+
+
+def _check_loaded(module: LlamaDecoder, src: Source) -> None:
+    own = {k for k in module.state_dict() if k != "lm_head.weight" or not src.config.tie_word_embeddings}
+    missing = own - set(src.state_dict)
+    if missing:  # sources.py validated shapes; this guards against a name-mapping bug
+        raise RuntimeError(f"state dict lacks {sorted(missing)[:3]}")
+
+
+def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> None:
+    """The one ``torch.onnx.export`` call site (TorchScript exporter; dynamic batch/seq/past)."""
+    cfg = module.cfg
+    B, T, P = 2, 3, 2  # non-trivial sizes so no dim is specialised to 1
+    ids = torch.randint(0, cfg.vocab_size, (B, T), dtype=torch.int64)
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    pos = torch.arange(P, P + T, dtype=torch.int64).expand(B, T).contiguous()
+    past = [torch.zeros(B, cfg.num_kv_heads, P, cfg.head_dim, dtype=dtype)
+            for _ in range(2 * cfg.num_layers)]
+    in_names = ["input_ids", "attention_mask", "position_ids"]
+    out_names = ["logits"]
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"},
+                                       "attention_mask": {0: "batch", 1: "total"},
+                                       "position_ids": {0: "batch", 1: "seq"},
+                                       "logits": {0: "batch"} if module.last_logits_only
+                                       else {0: "batch", 1: "seq"}}
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            in_names.append(f"past_key_values.{i}.{kind}")
+            out_names.append(f"present.{i}.{kind}")
+            axes[in_names[-1]] = {0: "batch", 2: "past"}
+            axes[out_names[-1]] = {0: "batch", 2: "total"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (ids, mask, pos, *past), str(path), input_names=in_names,
+                          output_names=out_names, dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+
+
+def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, file: str,
+                   data_file: str | None) -> dict[str, Any]:
+    import onnx
+    import transformers
+
+    cfg = src.config
+    fdtype = "float16" if opts.dtype == "fp16" else "float32"
+    past, present = kv_io_entries(fdtype, cfg.num_kv_heads, cfg.head_dim)
+    inputs = [{"name": "input_ids", "dtype": "int64", "dims": ["batch", "seq"]},
+              {"name": "attention_mask", "dtype": "int64", "dims": ["batch", "total"]},
+              {"name": "position_ids", "dtype": "int64", "dims": ["batch", "seq"]}, *past]
+    logits_dims = ["batch", 1 if opts.logits == "last" else "seq", cfg.vocab_size]
+    outputs = [{"name": "logits", "dtype": fdtype, "dims": logits_dims}, *present]
+    from importlib.metadata import version
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_manifest(),
+        "dims": {"batch": {"min": 1, "opt": 1, "max": opts.max_batch},
+                 "seq": {"min": 1, "opt": min(128, max_seq), "max": max_seq},
+                 "past": {"min": 0, "opt": min(128, max_seq - 1), "max": max_seq - 1},
+                 "total": {"min": 1, "opt": min(256, max_seq), "max": max_seq}},
+        "tokenizer": {"files": sorted(src.tokenizer_files), **src.tokenizer_info},
+        "variants": {opts.dtype: {"file": file, "data_file": data_file, "precision": opts.dtype,
+                                  "scheme": opts.dtype, "logits": opts.logits, "opset": opts.opset,
+                                  "inputs": inputs, "outputs": outputs}},
+        "engines": [],
+        "provenance": {"source": src.origin, "source_kind": src.kind,
+                       "source_fingerprint": src.fingerprint, "tool": "llama-export",
+                       "tool_version": version("llama-export"), "torch_version": torch.__version__,
+                       "transformers_version": transformers.__version__,
+                       "onnx_version": onnx.__version__, **src.extra},
+        "files": {},
+    }

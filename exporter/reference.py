@@ -1,0 +1,39 @@
+"""The PyTorch original: transformers' ``LlamaForCausalLM`` holding the same weights.
+
+For a GGUF source, transformers loads the GGUF itself (its own dequantization and Q/K
+un-permutation), so parity also checks our GGUF reading. For a HF folder it loads the
+safetensors through ``from_pretrained``. Never ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import LlamaConfig
+from .sources import builtin_gguf_path, load_source
+
+
+def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | None = None) -> Any:
+    """transformers ``LlamaForCausalLM`` in fp32, eval mode, eager attention."""
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = builtin_gguf_path() if model is None else Path(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.is_file():  # GGUF
+            ref = transformers.LlamaForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                attn_implementation="eager")
+        else:
+            cfg = config if config is not None else load_source(path).config
+            hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict())
+            ref = transformers.LlamaForCausalLM.from_pretrained(
+                str(path), config=hf_cfg, dtype=torch.float32, use_safetensors=True,
+                attn_implementation="eager")
+    return ref.eval()

@@ -1,0 +1,160 @@
+"""Parity: the exported graph under ONNX Runtime (CPU) vs transformers' ``LlamaForCausalLM``.
+
+A batch of two prompts, the second left-padded, runs a prefill and then ``steps`` decode steps
+through the graph's KV cache; the reference recomputes the whole sequence each step without a
+cache, so the cache path is checked against an independent computation. Both sides are fed the
+reference's greedy tokens (teacher forcing), so one early disagreement cannot snowball.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_export.runtime.errors import ParityError
+from llama_export.runtime.manifest import Manifest
+
+from .sources import Progress
+
+# Stated tolerances on max-abs logits error, scaled by the reference logits' magnitude
+# (tiny random models have |logits| < 1; SmolLM2's reach ~30): atol + rtol * max|ref|.
+TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-2)}
+MIN_GREEDY_AGREEMENT = {"fp32": 1.0, "fp16": 0.9}
+PROMPTS = ("The capital of France is", "def add(a, b):\n    return")
+
+
+@dataclass
+class ParityReport:
+    variant: str
+    max_abs_err: float
+    mean_abs_err: float
+    ref_max_abs: float
+    tolerance: float
+    greedy_agreement: float
+    positions: int
+    decode_steps: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.variant}: max-abs logits error {self.max_abs_err:.2e} (tolerance "
+                f"{self.tolerance:.2e}, |ref| max {self.ref_max_abs:.1f}), mean {self.mean_abs_err:.2e}, "
+                f"greedy agreement {self.greedy_agreement:.1%} over {self.positions} positions "
+                f"(prefill + {self.decode_steps} decode steps, batch 2 left-padded)")
+
+
+def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]:
+    tok_path = bundle / "tokenizer.json"
+    if tok_path.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_path))
+        ids = [tok.encode(p).ids for p in PROMPTS]
+        if all(ids) and max(max(i) for i in ids) < vocab:
+            return [ids[0][:12], ids[1][: max(1, min(len(ids[1]), len(ids[0][:12]) - 2))]]
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, 7).tolist(), rng.integers(0, vocab, 4).tolist()]
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+class _OrtStepper:
+    """Minimal prefill/decode driver over an ONNX Runtime session (numpy IO; verification only)."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, variant: str) -> None:
+        import onnxruntime as ort
+
+        v = manifest.variant(variant)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(bundle / v["file"]), so, providers=["CPUExecutionProvider"])
+        self.m = manifest
+        self.dtype = np.float16 if manifest.kv_dtype(variant) == "float16" else np.float32
+        self.past: list[np.ndarray] | None = None
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        B, L = ids.shape[0], self.m.num_layers
+        if self.past is None:
+            empty = np.zeros((B, self.m.num_kv_heads, 0, self.m.head_dim), dtype=self.dtype)
+            self.past = [empty] * (2 * L)
+        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        for i in range(L):
+            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
+            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+        out = self.sess.run(None, feed)
+        self.past = out[1:]
+        return np.asarray(out[0], dtype=np.float32)
+
+
+def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] | None, *,
+                  manifest: Manifest | None = None, variant: str | None = None,
+                  steps: int = 6, reference: Any = None,
+                  progress: Progress = lambda _: None) -> ParityReport:
+    """Compare ``variant`` of ``bundle`` with the PyTorch original; raise ParityError on failure."""
+    import torch
+
+    bundle = Path(bundle)
+    manifest = manifest or Manifest.load(bundle)
+    variant = variant or manifest.default_variant()
+    precision = str(manifest.variant(variant).get("precision", variant))
+    progress(f"verifying {variant} against transformers LlamaForCausalLM (ONNX Runtime CPU)")
+    if reference is None:
+        from .reference import load_reference
+        reference = load_reference(model)
+    ours = _OrtStepper(bundle, manifest, variant)
+    pad = manifest.tokenizer.get("pad_token_id") or 0
+    ids, mask = _left_pad(_prompt_ids(bundle, manifest, manifest.vocab_size), pad)
+    full_ids, full_mask = ids, mask
+    errs: list[np.ndarray] = []
+    agree: list[np.ndarray] = []
+    ref_max = 0.0
+    step_ids, step_mask = ids, mask
+    for step in range(steps + 1):
+        pos = _positions(full_mask)[:, -step_ids.shape[1]:]
+        got = ours.step(step_ids, full_mask, pos)
+        with torch.no_grad():
+            ref = reference(input_ids=torch.from_numpy(full_ids),
+                            attention_mask=torch.from_numpy(full_mask),
+                            position_ids=torch.from_numpy(_positions(full_mask)),
+                            use_cache=False).logits.float().numpy()
+        ref = ref[:, -got.shape[1]:, :]
+        valid = full_mask[:, -got.shape[1]:].astype(bool)  # skip pad query positions
+        errs.append(np.abs(got - ref)[valid].max(axis=-1))
+        agree.append((got.argmax(-1) == ref.argmax(-1))[valid])
+        ref_max = max(ref_max, float(np.abs(ref[valid]).max()))
+        nxt = ref[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+        step_ids = nxt
+        full_ids = np.concatenate([full_ids, nxt], axis=1)
+        full_mask = np.concatenate([full_mask, np.ones_like(nxt)], axis=1)
+    err = np.concatenate(errs)
+    atol, rtol = TOLERANCES.get(precision, TOLERANCES["fp16"])
+    tol = atol + rtol * ref_max
+    agreement = float(np.concatenate(agree).mean())
+    passed = bool(np.isfinite(err).all() and err.max() <= tol
+                  and agreement >= MIN_GREEDY_AGREEMENT.get(precision, 0.9))
+    report = ParityReport(variant, float(err.max()), float(err.mean()), ref_max, tol, agreement,
+                          int(err.size), steps, passed)
+    progress("parity " + report.summary())
+    if not passed:
+        raise ParityError(f"parity check failed for {report.summary()}: the export does not match "
+                          "the PyTorch original; re-export with --no-verify only to debug, and "
+                          "report the model config")
+    return report
