@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
@@ -78,8 +77,10 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
     try:
         manifest = _build(src, tmp, opts, progress)
         if opts.verify:
+            from .reference import reference_from_state_dict
             from .verify import verify_bundle
-            report = verify_bundle(tmp, model, manifest=manifest, progress=progress)
+            ref = reference_from_state_dict(src.config, src.state_dict)
+            report = verify_bundle(tmp, model, manifest=manifest, reference=ref, progress=progress)
             manifest.data["variants"][opts.dtype]["parity"] = report.to_dict()
         manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
         manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle

@@ -22,7 +22,10 @@ def _readable(node_name: str) -> str:
     parts = [p for p in node_name.split("/") if p]
     if parts and parts[-1].startswith("MatMul"):
         parts = parts[:-1]
-    return ".".join(parts) + ".weight_t"
+    name = ".".join(parts)
+    if name.startswith("layers."):  # the TorchScript scope drops the inner `model.` prefix
+        name = "model." + name
+    return name + ".weight_t"
 
 
 def rename_matmul_weights(model: onnx.ModelProto) -> int:

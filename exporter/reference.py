@@ -37,3 +37,24 @@ def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | N
                 str(path), config=hf_cfg, dtype=torch.float32, use_safetensors=True,
                 attn_implementation="eager")
     return ref.eval()
+
+
+def reference_from_state_dict(config: LlamaConfig, state_dict: dict[str, Any]) -> Any:
+    """transformers ``LlamaForCausalLM`` built around an already-loaded canonical state dict.
+
+    Used by the export-time check (the source was just read; reading it again through
+    transformers would double the export time). The independent load path is covered by
+    ``load_reference`` in the tests.
+    """
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(**config.to_hf_dict())
+    hf_cfg._attn_implementation = "eager"
+    ref = transformers.LlamaForCausalLM(hf_cfg)
+    missing, _ = ref.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing:
+        raise RuntimeError(f"reference model did not receive {missing[:3]}")
+    if config.tie_word_embeddings:
+        ref.lm_head.weight = ref.model.embed_tokens.weight
+    return ref.eval()

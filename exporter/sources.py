@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from llama_export.runtime.errors import ConfigError, InputError, WeightsError
 
 from .config import LlamaConfig, config_from_gguf, config_from_hf
@@ -154,7 +153,7 @@ def _canonical(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, to
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    D, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D),
                                           "model.norm.weight": (D,)}
     if not cfg.tie_word_embeddings:
@@ -163,7 +162,7 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         proj = {"self_attn.q_proj": (cfg.num_heads * hd, D), "self_attn.k_proj": (cfg.num_kv_heads * hd, D),
                 "self_attn.v_proj": (cfg.num_kv_heads * hd, D), "self_attn.o_proj": (D, cfg.num_heads * hd),
-                "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I)}
+                "mlp.gate_proj": (ff, D), "mlp.up_proj": (ff, D), "mlp.down_proj": (D, ff)}
         for name, shape in proj.items():
             shapes[p + name + ".weight"] = shape
             is_attn = name.startswith("self_attn")
@@ -275,7 +274,7 @@ def _load_gguf(path: Path, progress: Progress) -> Source:
             w = unpermute_qk(w, config.num_heads)
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, config.num_kv_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: GGUF is mmapped read-only
     from .gguf_io import tokenizer_from_gguf
 
     tok_files, info = tokenizer_from_gguf(fields)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from llama_export.runtime.errors import ParityError
 from llama_export.runtime.manifest import Manifest
 
@@ -22,8 +21,9 @@ from .sources import Progress
 
 # Stated tolerances on max-abs logits error, scaled by the reference logits' magnitude
 # (tiny random models have |logits| < 1; SmolLM2's reach ~30): atol + rtol * max|ref|.
-TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-2)}
-MIN_GREEDY_AGREEMENT = {"fp32": 1.0, "fp16": 0.9}
+# Quantized variants are judged mostly by greedy agreement (accuracy is calibration's report).
+TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-2), "int8": (0.5, 0.15), "int4": (1.0, 0.2)}
+MIN_GREEDY_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "int8": 0.8, "int4": 0.7}
 PROMPTS = ("The capital of France is", "def add(a, b):\n    return")
 
 
@@ -126,8 +126,8 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     errs: list[np.ndarray] = []
     agree: list[np.ndarray] = []
     ref_max = 0.0
-    step_ids, step_mask = ids, mask
-    for step in range(steps + 1):
+    step_ids = ids
+    for _ in range(steps + 1):
         pos = _positions(full_mask)[:, -step_ids.shape[1]:]
         got = ours.step(step_ids, full_mask, pos)
         with torch.no_grad():
@@ -145,7 +145,7 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
         full_ids = np.concatenate([full_ids, nxt], axis=1)
         full_mask = np.concatenate([full_mask, np.ones_like(nxt)], axis=1)
     err = np.concatenate(errs)
-    atol, rtol = TOLERANCES.get(precision, TOLERANCES["fp16"])
+    atol, rtol = TOLERANCES.get(precision, TOLERANCES["int4"])
     tol = atol + rtol * ref_max
     agreement = float(np.concatenate(agree).mean())
     passed = bool(np.isfinite(err).all() and err.max() <= tol

@@ -1,0 +1,55 @@
+"""CLI commands of the exporter: ``llama-export onnx`` and ``llama-export verify``.
+
+Bodies stay short: parse → one library call → print. Heavy imports happen inside.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("onnx")
+@click.argument("model", required=False, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Bundle folder to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weights/activations precision (fp16 keeps RMSNorm and softmax in fp32).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Largest past+seq the bundle declares (default: model max, capped at 4096).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest batch the bundle declares (TensorRT profiles, runtime checks).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
+@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Logits for every position, or the last one only (faster prefill).")
+@click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against transformers.")
+def onnx(model: str | None, out: str, dtype: str, max_seq_len: int | None, max_batch: int,
+         opset: int, logits: str, force: bool, no_verify: bool) -> None:
+    """Export MODEL (HF folder, .gguf file, or omitted: built-in SmolLM2-135M-Instruct)."""
+    from .export import ExportOptions, export_bundle
+
+    opts = ExportOptions(dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,  # type: ignore[arg-type]
+                         opset=opset, logits=logits, force=force, verify=not no_verify)  # type: ignore[arg-type]
+    path = export_bundle(model, out, opts)
+    click.echo(str(path))
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--model", "model", default=None, type=click.Path(path_type=str),
+              help="Source the bundle came from (default: recorded in the manifest).")
+@click.option("--variant", default=None, help="Variant to check (default: fp32, else fp16).")
+@click.option("--steps", default=6, show_default=True, help="Decode steps after the prefill.")
+def verify(bundle: str, model: str | None, variant: str | None, steps: int) -> None:
+    """Compare a bundle variant with the PyTorch original (transformers LlamaForCausalLM)."""
+    from llama_export.runtime.manifest import Manifest
+
+    from .verify import verify_bundle
+
+    manifest = Manifest.load(bundle)
+    if model is None:
+        origin = str(manifest.data.get("provenance", {}).get("source", ""))
+        model = None if origin.startswith("builtin:") else origin
+    report = verify_bundle(bundle, model, manifest=manifest, variant=variant, steps=steps,
+                           progress=lambda m: click.echo(m, err=True))
+    click.echo(report.summary())

@@ -1,0 +1,79 @@
+"""Config parsing: both transformers dialects, GGUF metadata, and refusals with one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from llama_export.exporter.config import RopeScaling, config_from_gguf, config_from_hf
+from llama_export.exporter.testing import tiny_config
+from llama_export.runtime.errors import ConfigError, UnsupportedModelError
+
+LLAMA3_4X = {"rope_theta": 500000.0, "rope_scaling": {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}}
+LLAMA3_5X = {"rope_parameters": {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+@pytest.mark.parametrize("dialect", [LLAMA3_4X, LLAMA3_5X], ids=["transformers4", "transformers5"])
+def test_both_rope_dialects(dialect: dict) -> None:
+    base = tiny_config("gqa")
+    base.pop("rope_theta")
+    cfg = config_from_hf({**base, **dialect})
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+
+
+def test_rope_scaling_with_legacy_type_key() -> None:
+    cfg = config_from_hf(tiny_config("linear_rope"))
+    assert cfg.rope_scaling == RopeScaling("linear", 2.0)
+
+
+def test_default_rope_in_5x_dialect() -> None:
+    base = tiny_config("gqa")
+    base.pop("rope_theta")
+    cfg = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None
+
+
+def test_shapes_and_overrides() -> None:
+    cfg = config_from_hf(tiny_config("head_dim"))
+    assert (cfg.head_dim, cfg.num_heads, cfg.hidden_size) == (32, 4, 64)
+    mqa = config_from_hf({**tiny_config("gqa"), "num_key_value_heads": None})
+    assert mqa.num_kv_heads == mqa.num_heads  # missing kv heads means MHA
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+     "architecture 'gpt2' is not supported: llama-export exports LlamaForCausalLM-shaped"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope scaling type 'yarn' is not supported"),
+    ({"sliding_window": 16}, "sliding_window=16 attention is not supported"),
+])
+def test_unsupported_configs(patch: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match="^" + re.escape(message)):
+        config_from_hf({**tiny_config("gqa"), **patch})
+
+
+def test_missing_key_and_bad_heads() -> None:
+    cfg = tiny_config("gqa")
+    del cfg["hidden_size"]
+    with pytest.raises(ConfigError, match=r"config\.json has no 'hidden_size'"):
+        config_from_hf(cfg)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        config_from_hf({**tiny_config("gqa"), "num_key_value_heads": 3})
+
+
+def test_gguf_metadata() -> None:
+    fields = {"general.architecture": "llama", "llama.block_count": 30,
+              "llama.context_length": 8192, "llama.embedding_length": 576,
+              "llama.feed_forward_length": 1536, "llama.attention.head_count": 9,
+              "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
+              "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 49152}
+    cfg = config_from_gguf(fields, has_output_weight=False)
+    assert (cfg.num_layers, cfg.head_dim, cfg.num_kv_heads, cfg.tie_word_embeddings) == (30, 64, 3, True)
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'qwen2' is not supported"):
+        config_from_gguf({**fields, "general.architecture": "qwen2"})
