@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llama_export.runtime.errors import UnsupportedModelError, WeightsError
 
 TensorLoader = Callable[[], np.ndarray]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from llama_export.runtime.errors import ConfigError, InputError, WeightsError
 
 from .config import LlamaConfig, config_from_gguf, config_from_hf

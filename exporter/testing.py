@@ -94,3 +94,84 @@ def make_tiny_hf_model(path: str | os.PathLike[str], *, variant: str = "gqa", se
           "pad_token": "<pad>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
     return out
+
+
+# GGUF quant types the tiny GGUF fixtures cover: every llama.cpp type gguf-py can *write*.
+# K-quants (Q2_K..Q6_K) are dequantized by the same gguf-py call, but gguf-py cannot quantize
+# them, so no fixture can be made locally; SmolLM2's real GGUF covers Q4_1 and Q8_0.
+GGUF_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+
+
+def _permute_qk(w: Any, n_head: int) -> Any:
+    # llama.cpp's convert_hf_to_gguf permutation (the inverse of sources.unpermute_qk)
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def make_tiny_gguf(path: str | os.PathLike[str], *, quant: str = "Q8_0",  # noqa: PLR0915 - a flat
+                   seed: int = 0) -> Path:                                  # list of GGUF writes
+    """Write a tiny llama GGUF (weights quantized to ``quant``, byte-level gpt2 vocabulary)."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+    from gguf.quants import quantize
+
+    cfg = tiny_config("gqa")
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    qtype = gguf.GGMLQuantizationType[quant]
+    out = Path(path)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(f"tiny-{quant}")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    import json as _json
+
+    vocab = _json.loads(byte_tokenizer_json())["model"]["vocab"]
+    tokens = [*sorted(vocab, key=vocab.__getitem__), "<s>", "</s>", "<pad>"]
+    tokens += [f"<unused{i}>" for i in range(cfg["vocab_size"] - len(tokens))]
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+    w.add_token_scores([0.0] * len(tokens))  # no merges: transformers derives them (none)
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(257)
+    w.add_pad_token_id(258)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    hf_to_gguf = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                  "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for k, tensor in sd.items():
+        v = tensor
+        if k == "lm_head.weight":
+            continue  # tied
+        if k not in names:
+            _, _, i, *mod, kind = k.split(".")
+            names[k] = f"blk.{i}.{hf_to_gguf['.'.join(mod)]}.{kind}"
+        if k.endswith("q_proj.weight"):
+            v = _permute_qk(v, cfg["num_attention_heads"])
+        elif k.endswith("k_proj.weight"):
+            v = _permute_qk(v, cfg["num_key_value_heads"])
+        if v.ndim == 1 or quant == "F32":
+            w.add_tensor(names[k], np.ascontiguousarray(v, dtype=np.float32))
+        elif quant == "F16":
+            w.add_tensor(names[k], v.astype(np.float16))
+        else:
+            w.add_tensor(names[k], quantize(v, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llama_export.runtime.errors import ParityError
 from llama_export.runtime.manifest import Manifest
 
@@ -22,7 +23,7 @@ from .sources import Progress
 # Stated tolerances on max-abs logits error, scaled by the reference logits' magnitude
 # (tiny random models have |logits| < 1; SmolLM2's reach ~30): atol + rtol * max|ref|.
 # Quantized variants are judged mostly by greedy agreement (accuracy is calibration's report).
-TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (2e-2, 2e-2), "int8": (0.5, 0.15), "int4": (1.0, 0.2)}
+TOLERANCES = {"fp32": (1e-4, 1e-5), "fp16": (1e-2, 5e-3), "int8": (0.5, 0.15), "int4": (1.0, 0.2)}
 MIN_GREEDY_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "int8": 0.8, "int4": 0.7}
 PROMPTS = ("The capital of France is", "def add(a, b):\n    return")
 

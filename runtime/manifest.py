@@ -188,7 +188,7 @@ class Manifest:
         for name in ("fp32", "fp16"):
             if name in variants:
                 return name
-        return next(iter(variants))
+        return str(next(iter(variants)))
 
     def inputs(self, variant: str) -> list[TensorSpec]:
         return expand_io(self.variant(variant)["inputs"], self.num_layers)

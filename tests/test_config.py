@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from llama_export.exporter.config import RopeScaling, config_from_gguf, config_from_hf
 from llama_export.exporter.testing import tiny_config
 from llama_export.runtime.errors import ConfigError, UnsupportedModelError

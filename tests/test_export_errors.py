@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from llama_export.exporter.testing import make_tiny_hf_model, tiny_config
 from llama_export.runtime.cli import main
 

@@ -2,7 +2,7 @@
 
 Each variant: batch 2 with the second prompt left-padded, prefill + 6 decode steps through the
 graph's KV cache, compared with a cache-free transformers recompute. Stated tolerances:
-fp32 max-abs logits error <= 1e-4; fp16 max-abs error <= 2e-2 + 2e-2 * max|ref logits|, greedy
+fp32 max-abs logits error <= 1e-4; fp16 max-abs error <= 1e-2 + 5e-3 * max|ref logits|, greedy
 agreement >= 90 %, and no NaN/Inf.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 from llama_export.exporter.export import ExportOptions, export_bundle
 from llama_export.exporter.reference import load_reference
 from llama_export.exporter.testing import VARIANTS, make_tiny_hf_model

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from llama_export.exporter.export import ExportOptions, export_bundle
 from llama_export.exporter.testing import make_tiny_hf_model
 from llama_export.runtime.manifest import Manifest

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from llama_export.exporter.sources import load_source
 from llama_export.exporter.verify import _OrtStepper
 from llama_export.runtime.manifest import Manifest
