@@ -50,7 +50,10 @@ def reference_from_state_dict(config: LlamaConfig, state_dict: dict[str, Any]) -
 
     hf_cfg = transformers.LlamaConfig(**config.to_hf_dict())
     hf_cfg._attn_implementation = "eager"
-    ref = transformers.LlamaForCausalLM(hf_cfg)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is overwritten below; random init would cost seconds
+        ref = transformers.LlamaForCausalLM(hf_cfg)
     missing, _ = ref.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
