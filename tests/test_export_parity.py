@@ -89,3 +89,20 @@ def test_bundle_loads_from_other_cwd(tiny_bundle: Path, tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     sess = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "input_ids"
+
+
+def test_sharded_safetensors_folder(tmp_path: Path) -> None:
+    import json
+
+    import transformers
+
+    src = make_tiny_hf_model(tmp_path / "src", variant="untied", seed=3)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(src))
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="60KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((src / name).read_bytes())
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    bundle = export_bundle(sharded, tmp_path / "b", ExportOptions(), progress=lambda _: None)
+    assert Manifest.load(bundle).variant("fp32")["parity"]["max_abs_err"] <= 1e-4
