@@ -39,9 +39,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_half(x: Tensor, half: int) -> Tensor:
+    # Static slice bounds (not chunk): no Shape/Div nodes in the graph.
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -67,25 +67,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, T, _ = x.shape
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                past: tuple[Tensor, Tensor], bts: tuple[int, int, int]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        # (B, T, S) come from the input shapes, shared by every layer: the traced Shape/Concat
+        # chains for the reshapes are identical across layers and ONNX Runtime's CSE merges them.
+        B, T, S = bts
+        cos, sin = rope
+        past_k, past_v = past
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = q * cos + rotate_half(q, self.hd // 2) * sin
+        k = k * cos + rotate_half(k, self.hd // 2) * sin
         k = torch.cat([past_k, k], dim=2)                                     # (B, n_kv, S, hd)
         v = torch.cat([past_v, v], dim=2)                                     # (B, n_kv, S, hd)
         rep = self.n_heads // self.n_kv
         # GQA: query heads grouped per kv head, so K/V are never copied rep times.
         qg = q.reshape(B, self.n_kv, rep * T, self.hd)                        # (B, n_kv, rep*T, hd)
         scores = torch.matmul(qg, k.transpose(2, 3)).float()                  # (B, n_kv, rep*T, S)
-        scores = scores.view(B, self.n_kv, rep, T, -1) * (1.0 / math.sqrt(self.hd)) + mask
+        scores = scores.view(B, self.n_kv, rep, T, S) * (1.0 / math.sqrt(self.hd)) + mask
         probs = torch.softmax(scores, dim=-1).to(v.dtype)                     # fp32 softmax
-        probs = probs.view(B, self.n_kv, rep * T, -1)
+        probs = probs.view(B, self.n_kv, rep * T, S)
         out = torch.matmul(probs, v)                                          # (B, n_kv, rep*T, hd)
-        out = out.view(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, -1)
+        out = out.view(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(out), k, v
 
 
@@ -109,9 +114,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                past: tuple[Tensor, Tensor], bts: tuple[int, int, int]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        h, k, v = self.self_attn(self.input_layernorm(x), rope, mask, past, bts)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -156,14 +162,15 @@ class LlamaDecoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
         x = self.model.embed_tokens(input_ids)                                # (B, T, D)
-        T, S = input_ids.shape[1], attention_mask.shape[1]
+        B, T = input_ids.shape
+        S = attention_mask.shape[1]
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :, :]                # (B, 1, T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = self._mask(attention_mask, T, S)
         presents: list[Tensor] = []
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            x, k, v = layer(x, (cos, sin), mask, (past[2 * i], past[2 * i + 1]), (B, T, S))
             presents += [k, v]
         if self.last_logits_only:
             x = x[:, -1:, :]
