@@ -93,9 +93,29 @@ def _load_hf(folder: Path, progress: Progress) -> Source:
     tok_files = {n: (folder / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
                                                          "chat_template.jinja")
                  if (folder / n).is_file()}
+    if "tokenizer.json" not in tok_files:
+        tok_files.update(_convert_tokenizer(folder))
     info = _tokenizer_info_hf(folder, tok_files)
     fp = _fingerprint(files)
-    return Source(config, _canonical(state, config), tok_files, info, str(folder), "hf", fp)
+    return Source(config, _canonical(state, config), tok_files, info, str(folder.resolve()), "hf", fp)
+
+
+def _convert_tokenizer(folder: Path) -> dict[str, bytes]:
+    """A folder with only a sentencepiece ``tokenizer.model``: let transformers build the fast
+    tokenizer (no remote code) so the bundle still ships a self-contained ``tokenizer.json``."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            return {n: (Path(tmp) / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
+                    if (Path(tmp) / n).is_file()}
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"{folder} has no tokenizer.json and its tokenizer cannot be converted "
+                          f"({str(e).splitlines()[0]}): add tokenizer.json to the folder") from None
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

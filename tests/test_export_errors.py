@@ -40,6 +40,13 @@ def _no_config(src: Path, tmp: Path) -> Path:
     return d
 
 
+def _no_tokenizer(src: Path, tmp: Path) -> Path:
+    d = _copy(src, tmp / "m")
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer_config.json").unlink()
+    return d
+
+
 def _bin_only(src: Path, tmp: Path) -> Path:
     d = _copy(src, tmp / "m")
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
@@ -76,6 +83,7 @@ def _with_config(patch: dict) -> Callable[[Path, Path], Path]:
 
 CASES = {
     "missing config": (_no_config, "has no config.json: pass a Hugging Face model folder"),
+    "no tokenizer": (_no_tokenizer, "has no tokenizer.json and its tokenizer cannot be converted"),
     ".bin-only folder": (_bin_only, "has only pickled weights (.bin/.pt), which llama-export never "
                                     "loads (unsafe): convert them to safetensors first"),
     "corrupt safetensors": (_corrupt_header, "is not a valid safetensors file"),
