@@ -146,9 +146,10 @@ class LlamaDecoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # A constant, not a buffer that changes: exported as an initializer.
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def _mask(self, attention_mask: Tensor, T: int | Tensor, S: int | Tensor) -> Tensor:
+    def _mask(self, attention_mask: Tensor, T: int, S: int) -> Tensor:
         """Additive fp32 mask ``(B, 1, 1, T, S)``: causal over absolute positions plus padding."""
         q_pos = torch.arange(T, device=attention_mask.device) + (S - T)      # (T,)
         k_pos = torch.arange(S, device=attention_mask.device)                 # (S,)
