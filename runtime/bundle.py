@@ -1,0 +1,160 @@
+"""``load_bundle``: manifest → backend + tokenizer → a :class:`Model` that generates text.
+
+    BUNDLE/manifest.json ──validate (version, files, sha256)──► Manifest
+         ├─► Backend (ORT or TensorRT, one variant) ─┐
+         └─► Tokenizer (+ chat template) ────────────┴─► Model.generate / stream / chat
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llama_export.runtime.backends.base import Backend
+from llama_export.runtime.chat import Message, render_chat
+from llama_export.runtime.errors import InputError
+from llama_export.runtime.generate import BatchGeneration, Completion, GenerationOptions
+from llama_export.runtime.manifest import Manifest
+from llama_export.runtime.sampling import SamplingOptions
+from llama_export.runtime.tokenizer import Tokenizer
+
+BACKENDS = ("ort", "trt")
+_SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingOptions))
+_GENERATION_KEYS = frozenset(f.name for f in dataclasses.fields(GenerationOptions)) - {"sampling"}
+
+
+def make_options(base: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
+    """``GenerationOptions`` from keyword overrides (sampling keys included), validated."""
+    unknown = set(overrides) - _SAMPLING_KEYS - _GENERATION_KEYS
+    if unknown:
+        known = ", ".join(sorted(_SAMPLING_KEYS | _GENERATION_KEYS))
+        raise InputError(f"unknown generation option(s) {', '.join(sorted(unknown))}: "
+                         f"use any of {known}")
+    base = base or GenerationOptions()
+    sampling = {k: v for k, v in overrides.items() if k in _SAMPLING_KEYS}
+    general = {k: v for k, v in overrides.items() if k in _GENERATION_KEYS}
+    if "stop" in general and not isinstance(general["stop"], str):
+        general["stop"] = tuple(general["stop"] or ())
+    return dataclasses.replace(base, sampling=dataclasses.replace(base.sampling, **sampling),
+                               **general)
+
+
+class Model:
+    """A loaded bundle. Load once, then generate from many prompts; use as a context manager."""
+
+    def __init__(self, path: Path, manifest: Manifest, backend: Backend,
+                 tokenizer: Tokenizer) -> None:
+        self.path, self.manifest, self.backend, self.tokenizer = path, manifest, backend, tokenizer
+        self.last_generation: BatchGeneration | None = None  # its .stats feed the bench
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        tok = self.tokenizer
+        return render_chat(tok.chat_template, messages, bos_token=tok.token_text(tok.bos_token_id),
+                           eos_token=tok.token_text((tok.eos_token_ids or (None,))[0]))
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        # The rendered template already holds BOS etc. as text (transformers does the same).
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
+
+    # ---- generation --------------------------------------------------------------------------
+    def start(self, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions | None = None,
+              **overrides: Any) -> BatchGeneration:
+        """A generation over token-id prompts: iterate it for pieces, then read completions."""
+        gen = BatchGeneration(self.backend, self.tokenizer, prompt_ids,
+                              make_options(options, **overrides))
+        self.last_generation = gen
+        return gen
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]],
+                     options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:
+        gen = self.start(prompt_ids, options, **overrides)
+        for _ in gen:
+            pass
+        return gen.completions
+
+    def generate(self, prompt: str, options: GenerationOptions | None = None,
+                 **overrides: Any) -> Completion:
+        """Generate from one prompt; ``overrides``: max_new_tokens, stop, temperature, top_k,
+        top_p, min_p, repetition_penalty, seed, eos_token_ids."""
+        return self.generate_ids([self._encode_one(prompt)], options, **overrides)[0]
+
+    def generate_batch(self, prompts: Sequence[str], options: GenerationOptions | None = None,
+                       **overrides: Any) -> list[Completion]:
+        """Several prompts at once (left-padded); each finishes on its own."""
+        if isinstance(prompts, str):
+            raise InputError("generate_batch takes a list of prompts: use generate() for one")
+        return self.generate_ids([self._encode_one(p) for p in prompts], options, **overrides)
+
+    def stream(self, prompt: str, options: GenerationOptions | None = None,
+               **overrides: Any) -> Iterator[str]:
+        """Yield text pieces as they are decoded (never broken UTF-8, stop strings withheld)."""
+        for piece in self.start([self._encode_one(prompt)], options, **overrides):
+            yield piece.text
+
+    def chat(self, messages: Sequence[Message], options: GenerationOptions | None = None,
+             **overrides: Any) -> Completion:
+        return self.generate_ids([self.encode_chat(messages)], options, **overrides)[0]
+
+    def stream_chat(self, messages: Sequence[Message], options: GenerationOptions | None = None,
+                    **overrides: Any) -> Iterator[str]:
+        for piece in self.start([self.encode_chat(messages)], options, **overrides):
+            yield piece.text
+
+    def _encode_one(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}: "
+                             "use generate_batch() for several prompts, chat() for messages")
+        return self.tokenizer.encode(prompt)
+
+
+def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backend: str = "ort",
+                provider: str = "cpu", threads: int | None = None, verify: bool = True,
+                *, spin: bool = True) -> Model:
+    """Load a bundle: validate the manifest (version, files, sha256) and open one variant.
+
+    ``backend``: ``ort`` (ONNX Runtime; ``provider`` cpu | cuda | tensorrt) or ``trt``
+    (TensorRT engines built by ``llama-export trt``). ``verify=False`` skips hashing the weights
+    (faster start; the manifest and file presence are still checked). ``spin=False`` stops ONNX Runtime's
+    worker threads busy-waiting between ops (faster when other processes share the cores).
+    """
+    bundle = Path(path)
+    manifest = Manifest.load(bundle)
+    name = variant or manifest.default_variant()
+    files = [*manifest.tokenizer.get("files", ["tokenizer.json"]), *manifest.files_of_variant(name)]
+    if verify:
+        manifest.verify_files(bundle, only=files)
+    else:
+        manifest.verify_files(bundle, only=[f for f in files if not f.endswith((".onnx", ".data"))])
+    tokenizer = Tokenizer.from_bundle(bundle, manifest.tokenizer)
+    if backend == "ort":
+        from llama_export.runtime.backends.ort import OrtBackend, OrtOptions
+
+        opts = OrtOptions(provider=provider, threads=threads, spin=spin)
+        return Model(bundle, manifest, OrtBackend(bundle, manifest, name, opts), tokenizer)
+    return Model(bundle, manifest, _open_backend(bundle, manifest, name, backend), tokenizer)
+
+
+def _open_backend(bundle: Path, manifest: Manifest, variant: str, backend: str) -> Backend:
+    if backend == "trt":
+        # Written by the TensorRT side against backends/base.py; imported only when asked for.
+        trt = importlib.import_module("llama_export.runtime.backends.trt")
+        trt_backend: Backend = trt.TrtBackend(bundle, manifest, variant)
+        return trt_backend
+    raise InputError(f"backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")

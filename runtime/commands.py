@@ -1,0 +1,105 @@
+"""``llama-export generate`` and ``llama-export bench`` (parse → one library call → print)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import click
+
+from llama_export.runtime.errors import InputError
+
+_PROVIDERS = click.Choice(["cpu", "cuda", "tensorrt"])
+_BACKENDS = click.Choice(["ort", "trt"])
+_BACKEND_HELP = "ort: ONNX Runtime (--provider picks its device); trt: built TensorRT engines."
+
+
+def _load(bundle: str, variant: str | None, backend: str, provider: str, threads: int | None,
+          spin: bool) -> Any:
+    from llama_export.runtime.bundle import load_bundle
+
+    return load_bundle(bundle, variant=variant, backend=backend, provider=provider,
+                       threads=threads, spin=spin)
+
+
+_SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle machine; "
+              "--no-spin is faster when other processes share the cores.")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--prompt", help="Plain text prompt.")
+@click.option("--chat", "chat_text", help="A user message, rendered with the chat template.")
+@click.option("--system", help="Optional system message (with --chat).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="1.0 = off.")
+@click.option("--min-p", default=0.0, show_default=True, type=float, help="0 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", type=int, help="Same seed, same text.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable; not printed).")
+@click.option("--variant", help="Bundle variant (default: fp32, else the first).")
+@click.option("--backend", type=_BACKENDS, default="ort", show_default=True, help=_BACKEND_HELP)
+@click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True)
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
+def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str | None,
+             variant: str | None, backend: str, provider: str, threads: int | None, spin: bool,
+             **sampling: Any) -> None:
+    """Generate text from BUNDLE, streamed to stdout."""
+    if (prompt is None) == (chat_text is None):
+        raise InputError("pass exactly one of --prompt TEXT or --chat TEXT")
+    if system and chat_text is None:
+        raise InputError("--system needs --chat: pass the user message with --chat")
+    sampling["stop"] = tuple(sampling["stop"])
+    with _load(bundle, variant, backend, provider, threads, spin) as model:
+        if chat_text is not None:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": chat_text})
+            pieces = model.stream_chat(messages, **sampling)
+        else:
+            pieces = model.stream(prompt, **sampling)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--prompt-len", default=128, show_default=True, type=int)
+@click.option("--gen-len", default=128, show_default=True, type=int)
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--runs", default=3, show_default=True, type=int, help="Measured runs (median).")
+@click.option("--threads", type=int, help="Intra-op threads (ours and the torch baseline).")
+@click.option("--variant", help="Bundle variant (default: fp32, else the first).")
+@click.option("--backend", type=_BACKENDS, default="ort", show_default=True, help=_BACKEND_HELP)
+@click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True)
+@click.option("--baseline", type=click.Choice(["none", "torch"]), default="none",
+              show_default=True, help="Also run the PyTorch original in the same run.")
+@click.option("--source", help="Model source for the baseline (default: the manifest's).")
+@click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, threads: int | None,
+          variant: str | None, backend: str, provider: str, baseline: str, source: str | None,
+          spin: bool, as_json: bool) -> None:
+    """Benchmark prefill/decode speed of BUNDLE (medians; progress on stderr)."""
+    from llama_export.runtime import bench as b
+
+    opts = b.BenchOptions(prompt_len=prompt_len, gen_len=gen_len, batch=batch, runs=runs)
+    with _load(bundle, variant, backend, provider, threads, spin) as model:
+        runners = {"ours": b.ours_runner(model, opts)}
+        if baseline == "torch":
+            src = source if source is not None else b.reference_source(model)
+            prompt = b.synthetic_prompt(model, prompt_len)
+            runners["torch"] = b.torch_runner(src, prompt, opts, threads)
+        results = b.measure(runners, opts.runs)
+    if as_json:
+        options = {**dataclasses.asdict(opts), "threads": threads}
+        click.echo(json.dumps({"bundle": bundle, "options": options,
+                               "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        click.echo(b.format_table(results))
