@@ -222,9 +222,6 @@ def test_one_command_from_fp32_to_quantized_plan(tiny_bundle: Path, tmp_path: Pa
         assert set(dq_weight_types(model)) == {weights}
 
 
-@pytest.mark.xfail(reason="calibration's quantize stores int4 weights as INT8 tensors "
-                          "(quantize_blocked returns int8, so weight_dq writes INT8): TensorRT "
-                          "would build INT8 weight-only; reported to the calibration owner")
 def test_int4_variant_carries_int4_weights(tiny_bundle: Path) -> None:
     import onnx
 
@@ -232,4 +229,5 @@ def test_int4_variant_carries_int4_weights(tiny_bundle: Path) -> None:
     from llama_export.calibration.weight_only import quantize_weight_only
 
     q, _ = quantize_weight_only(onnx.load(str(tiny_bundle / "model.onnx")), bits=4)
-    assert set(dq_weight_types(q)) == {"INT4"}
+    # asymmetric blocks: uint4 weights with a uint4 zero-point (TensorRT builds INT4 weight-only)
+    assert set(dq_weight_types(q)) == {"UINT4"}

@@ -1,0 +1,98 @@
+"""Run calibration segments through the fp32 graph and collect activation statistics.
+
+The tensors we need are added as extra graph outputs of the in-memory model and fetched from
+ONNX Runtime on every step: prefill of each segment, then ``decode_steps`` single-token steps
+with the real past K/V. For the projection inputs we keep per-channel maxima (SmoothQuant
+statistics) and a row sample (percentile / entropy ranges and the error proxy); for the other
+tensors (legacy TensorRT cache) only the absolute maximum.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from llama_export.runtime.manifest import Manifest
+
+from .data import Feed, empty_past, past_from_outputs, prefill_feed
+from .graph import ort_session
+
+
+@dataclass
+class TensorStats:
+    amax: float = 0.0
+    channel_amax: np.ndarray | None = None
+    chunks: list[np.ndarray] = field(default_factory=list)
+    rows: np.ndarray | None = None  # (R, K) sampled rows, set by finish()
+
+    def update(self, x: np.ndarray, keep_rows: bool) -> None:
+        a = np.abs(x)
+        self.amax = max(self.amax, float(a.max(initial=0.0)))
+        if not keep_rows:
+            return
+        flat = x.reshape(-1, x.shape[-1])
+        cmax = np.abs(flat).max(axis=0)
+        self.channel_amax = cmax if self.channel_amax is None else np.maximum(
+            self.channel_amax, cmax)
+        self.chunks.append(flat.astype(np.float32, copy=True))
+
+    def finish(self, max_rows: int, rng: np.random.Generator) -> None:
+        if not self.chunks:
+            return
+        rows = np.concatenate(self.chunks)
+        self.chunks = []
+        if len(rows) > max_rows:
+            rows = rows[np.sort(rng.choice(len(rows), max_rows, replace=False))]
+        self.rows = rows
+
+
+def run_segment(seg: np.ndarray, manifest: Manifest, decode_steps: int,
+                step: Callable[[Feed], Feed]) -> None:
+    """Prefill ``seg[:-d]``, then ``d`` single-token decode steps; ``step(feed)`` returns the
+    next past K/V (the real ``present`` outputs, so decode-phase tensors are calibrated)."""
+    d = min(decode_steps, len(seg) // 2)
+    past = step(prefill_feed(seg[: len(seg) - d], empty_past(manifest)))
+    for t in range(len(seg) - d, len(seg)):
+        past = step(prefill_feed(seg[t:t + 1], past))
+
+
+def collect_stats(model: onnx.ModelProto, manifest: Manifest, segments: np.ndarray, *,
+                  row_tensors: Iterable[str], amax_tensors: Iterable[str] = (),
+                  decode_steps: int = 8, max_rows: int = 2048) -> dict[str, TensorStats]:
+    """Statistics of ``row_tensors`` (per-channel + rows) and ``amax_tensors`` (amax only)."""
+    rows_set = list(dict.fromkeys(row_tensors))
+    wanted = list(dict.fromkeys([*rows_set, *amax_tensors]))
+    have = [o.name for o in model.graph.output]
+    extra = [t for t in wanted if t not in have]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in extra)
+    stats = {t: TensorStats() for t in wanted}
+    keep = set(rows_set)
+    try:
+        with ort_session(model) as sess:
+            names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
+            n_steps = 0
+
+            def run(feed: Feed) -> Feed:
+                nonlocal n_steps
+                outs = sess.run(names, feed)  # type: ignore[attr-defined]
+                for n, o in zip(names, outs, strict=True):
+                    if n in stats:
+                        stats[n].update(o, n in keep)
+                n_steps += 1
+                return past_from_outputs(names, outs)
+
+            for i, seg in enumerate(segments):
+                run_segment(seg, manifest, decode_steps, run)
+                print(f"[calibrate] segment {i + 1}/{len(segments)} ({n_steps} steps)",
+                      file=sys.stderr, flush=True)
+    finally:
+        del model.graph.output[len(have):]
+    rng = np.random.default_rng(0)
+    for s in stats.values():
+        s.finish(max_rows, rng)
+    return stats

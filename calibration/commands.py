@@ -1,0 +1,128 @@
+"""``llama-export calibrate`` / ``quantize``: parse → one library call → print (hatch style)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llama_export.runtime.errors import InputError
+
+
+def _alpha(value: str) -> float | str | None:
+    v = value.strip().lower()
+    if v in ("off", "none", "no"):
+        return None
+    if v == "auto":
+        return "auto"
+    try:
+        a = float(v)
+    except ValueError:
+        raise InputError(f"--smoothquant {value} is not a number: pass an alpha in [0, 1], "
+                         "'auto' or 'off'") from None
+    if not 0.0 <= a <= 1.0:
+        raise InputError(f"--smoothquant {value} is outside [0, 1]: pass an alpha such as 0.5, "
+                         "'auto' to search it, or 'off'")
+    return a
+
+
+def _print_report(name: str, entry: dict[str, Any]) -> None:
+    acc = entry["accuracy"]
+    q = entry["quantization"]
+    click.echo(f"{name}: {entry['file']} ({entry['scheme']})")
+    click.echo(f"  perplexity  fp32 {acc['ppl_fp32']:.3f}  {name} {acc['ppl']:.3f}  "
+               f"({100 * (acc['ppl_ratio'] - 1):+.2f}%)")
+    click.echo(f"  top-1 agreement {100 * acc['top1_agreement']:.1f}%  mean KL "
+               f"{acc['mean_kl']:.4f}  ({acc['tokens']} held-out tokens, {acc['data']})")
+    click.echo(f"  quantized projections {q['quantized']}; kept float: "
+               f"{', '.join(q['excluded']) or 'none'}")
+    if q.get("eight_bit"):
+        click.echo(f"  8-bit weights: {len(q['eight_bit'])} projections (v_proj, down_proj, "
+                   "lm_head)")
+
+
+_eval_options = [
+    click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+                 help="Held-out .txt/.jsonl for the accuracy report (default: built-in)."),
+    click.option("--eval-samples", type=int, default=6, show_default=True),
+    click.option("--min-top1", type=float, default=None,
+                 help="Gate: minimum top-1 agreement with fp32 (0-1)."),
+    click.option("--max-ppl-increase", type=float, default=None,
+                 help="Gate: maximum relative perplexity increase (0.03 = +3%)."),
+]
+
+
+def _with_eval(f: Any) -> Any:
+    for opt in reversed(_eval_options):
+        f = opt(f)
+    return f
+
+
+def _eval(eval_data: Path | None, eval_samples: int, min_top1: float | None,
+          max_ppl: float | None, default: tuple[float, float]) -> Any:
+    from .accuracy import Gate
+    from .pipeline import EvalOptions
+
+    gate = Gate(default[0] if max_ppl is None else max_ppl,
+                default[1] if min_top1 is None else min_top1)
+    return EvalOptions(data=eval_data, samples=eval_samples, gate=gate)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (.txt or .jsonl); default: the built-in text.")
+@click.option("--samples", type=int, default=16, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="minmax", show_default=True)
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--smoothquant", "alpha", default="auto", show_default=True,
+              help="SmoothQuant alpha in [0, 1], 'auto' (searched per group), or 'off'.")
+@click.option("--keep-float", type=int, default=None,
+              help="Projection groups kept float (most sensitive first); default: searched.")
+@_with_eval
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest entry as JSON.")
+def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, method: str,
+              percentile: float, alpha: str, keep_float: int | None, eval_data: Path | None,
+              eval_samples: int, min_top1: float | None, max_ppl_increase: float | None,
+              as_json: bool) -> None:
+    """Calibrate BUNDLE's fp32 graph and write the INT8 (SmoothQuant W8A8 Q/DQ) variant."""
+    from .pipeline import CalibrateOptions
+    from .pipeline import calibrate as run
+
+    opts = CalibrateOptions(
+        data=data, samples=samples, seq_len=seq_len, method=method,  # type: ignore[arg-type]
+        smoothquant=_alpha(alpha), percentile=percentile, keep_float=keep_float,
+        eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase, (0.03, 0.90)))
+    entry = run(bundle, opts)
+    click.echo(json.dumps(entry, indent=2) if as_json else "", nl=as_json)
+    if not as_json:
+        _print_report("int8", entry)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--int4", "bits", flag_value=4, default=True, help="INT4 weights (default).")
+@click.option("--int8", "bits", flag_value=8, help="INT8 weight-only (variant 'int8wo').")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32",
+              show_default=True)
+@click.option("--lm-head/--no-lm-head", default=True, show_default=True,
+              help="Quantize lm_head to 8 bits (a quarter of its fp32 read per token).")
+@click.option("--mixed/--no-mixed", default=True, show_default=True,
+              help="INT4: keep v_proj/down_proj at 8 bits (llama.cpp Q4_K_M's reasoning).")
+@_with_eval
+def quantize(bundle: Path, bits: int, block_size: str, lm_head: bool, mixed: bool,
+             eval_data: Path | None, eval_samples: int, min_top1: float | None,
+             max_ppl_increase: float | None) -> None:
+    """Write a weight-only INT4 / INT8 variant of BUNDLE (no calibration data needed)."""
+    from .pipeline import QuantizeOptions
+    from .pipeline import quantize as run
+
+    opts = QuantizeOptions(bits=bits, block_size=int(block_size), lm_head=lm_head, mixed=mixed,
+                           eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase,
+                                      (0.08, 0.0)))
+    entry = run(bundle, opts)
+    _print_report("int4" if bits == 4 else "int8wo", entry)

@@ -1,0 +1,229 @@
+"""Find the quantizable projections of an exported decoder by graph structure, not by name.
+
+A *projection* is a ``MatMul`` whose second input is a 2-D float initializer. Projections that
+read the same activation form a *group* (q/k/v share the attention RMSNorm output; gate/up share
+the MLP RMSNorm output). A group is *smoothable* when its input is produced by
+
+* an RMSNorm scale ``Mul(x, w)`` with ``w`` a 1-D constant (q/k/v, gate/up): fold ``1/s`` into
+  ``w``; or
+* an elementwise ``Mul(a, MatMul(h, W_up) [+ b])`` (down_proj reads ``silu(gate) * up``): fold
+  ``1/s`` into the columns of ``W_up`` (and ``b``).
+
+``lm_head`` (the projection producing a graph output) is never a target: it stays in float.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 (shared/DESIGN.md §9).
+MAX_IR_VERSION = 10
+PROTO_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Projection:
+    node: str       # MatMul node name
+    weight: str     # initializer name, shape (K, N)
+    input: str      # activation tensor (…, K)
+    output: str
+
+    @property
+    def label(self) -> str:
+        """``layers.3.mlp.down_proj`` (readable weight names from the exporter) or node name."""
+        base = self.weight.split(".smoothed")[0]  # smoothquant.Tensors.apply renames edits
+        return base.removesuffix(".weight_t").removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class Fold:
+    kind: str                 # "norm" (RMSNorm Mul) | "matmul" (producer projection's columns)
+    node: str                 # the Mul (norm) or the producer MatMul
+    tensor: str               # 1-D norm weight or 2-D producer weight
+    bias_node: str | None = None  # Add carrying the producer's bias, if any
+    bias: str | None = None
+
+
+@dataclass
+class Group:
+    input: str
+    projections: list[Projection] = field(default_factory=list)
+    fold: Fold | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join(p.label.rsplit(".", 1)[-1] for p in self.projections)
+
+    @property
+    def layer_label(self) -> str:
+        return self.projections[0].label.rsplit(".", 1)[0] + "." + self.label
+
+
+class GraphIndex:
+    """Producer/consumer maps and constant lookup (through ``Identity`` nodes) for one graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.nodes = {n.name: n for n in g.node}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.graph_outputs = {o.name for o in g.output}
+
+    def const_name(self, name: str) -> str | None:
+        """The initializer behind ``name`` (following Identity chains), or None."""
+        while name not in self.inits:
+            p = self.producer.get(name)
+            if p is None or p.op_type != "Identity":
+                return None
+            name = p.input[0]
+        return name
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def is_float_const(self, name: str, ndim: int) -> bool:
+        c = self.const_name(name)
+        if c is None:
+            return False
+        t = self.inits[c]
+        return len(t.dims) == ndim and t.data_type == onnx.TensorProto.FLOAT
+
+
+def find_projections(model: onnx.ModelProto) -> list[Projection]:
+    idx = GraphIndex(model)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and idx.is_float_const(n.input[1], 2):
+            out.append(Projection(n.name, str(idx.const_name(n.input[1])), n.input[0], n.output[0]))
+    return out
+
+
+def is_lm_head(idx: GraphIndex, proj: Projection) -> bool:
+    """The projection whose result leaves the graph (possibly through a reshape / slice)."""
+    name = proj.output
+    for _ in range(3):
+        if name in idx.graph_outputs:
+            return True
+        cons = idx.consumers.get(name, [])
+        if len(cons) != 1 or cons[0].op_type not in ("Reshape", "Slice", "Identity", "Add"):
+            return False
+        name = cons[0].output[0]
+    return name in idx.graph_outputs
+
+
+def find_groups(model: onnx.ModelProto) -> list[Group]:
+    """Target projections (everything but lm_head) grouped by shared input, in graph order."""
+    idx = GraphIndex(model)
+    groups: dict[str, Group] = {}
+    for p in find_projections(model):
+        if is_lm_head(idx, p):
+            continue
+        groups.setdefault(p.input, Group(p.input)).projections.append(p)
+    for g in groups.values():
+        g.fold = _find_fold(idx, g.input)
+    return list(groups.values())
+
+
+def _find_fold(idx: GraphIndex, tensor: str) -> Fold | None:
+    mul = idx.producer.get(tensor)
+    if mul is None or mul.op_type != "Mul" or len(idx.consumers.get(tensor, [])) == 0:
+        return None
+    # The activation must reach nothing but projections, or folding 1/s would change others.
+    if any(c.op_type not in ("MatMul", "Shape") for c in idx.consumers[tensor]):
+        return None
+    for i in (0, 1):
+        c = idx.const_name(mul.input[i])
+        if c is not None and idx.is_float_const(mul.input[i], 1):
+            return Fold("norm", mul.name, c)
+    for i in (0, 1):
+        fold = _matmul_fold(idx, mul.input[i])
+        if fold is not None:
+            return fold
+    return None
+
+
+def _matmul_fold(idx: GraphIndex, tensor: str) -> Fold | None:
+    """``tensor`` = MatMul(h, W) or Add(MatMul(h, W), b), consumed only by the Mul."""
+    if len(idx.consumers.get(tensor, [])) != 1:
+        return None
+    node = idx.producer.get(tensor)
+    bias_node = bias = None
+    if node is not None and node.op_type == "Add":
+        for i in (0, 1):
+            if idx.is_float_const(node.input[i], 1):
+                bias_node, bias = node.name, idx.const_name(node.input[i])
+                mm_out = node.input[1 - i]
+                if len(idx.consumers.get(mm_out, [])) != 1:
+                    return None
+                node = idx.producer.get(mm_out)
+                break
+        else:
+            return None
+    if node is None or node.op_type != "MatMul" or not idx.is_float_const(node.input[1], 2):
+        return None
+    return Fold("matmul", node.name, str(idx.const_name(node.input[1])), bias_node, bias)
+
+
+# ---- sessions and saving -------------------------------------------------------------------
+def set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    """Replace (or add) initializer ``name``."""
+    g = model.graph
+    for i, t in enumerate(g.initializer):
+        if t.name == name:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            return
+    g.initializer.append(numpy_helper.from_array(array, name))
+
+
+def fresh_name(model: onnx.ModelProto, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node
+                                                          for o in n.output}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}.{k}", k + 1
+    return name
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> str | None:
+    """Save (external data ``<name>.data`` past the 2 GB protobuf limit); returns the data file."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    if model.ByteSize() < PROTO_LIMIT:
+        onnx.save_model(model, str(path))
+        return None
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+    return data
+
+
+@contextmanager
+def ort_session(model: onnx.ModelProto, threads: int = 0) -> Iterator[object]:
+    """An ONNX Runtime CPU session on an in-memory model (via a temp file past 2 GB)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    if model.ByteSize() < PROTO_LIMIT:
+        yield ort.InferenceSession(model.SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.onnx"
+        save_model(model, path)
+        yield ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,200 @@
+"""Calibration on tiny bundles: Q/DQ structure, SmoothQuant folding, INT4, cache, manifest.
+
+The tiny random models have near-uniform next-token distributions, so accuracy gates are loosened
+here; the real accuracy gates run on SmolLM2 in ``test_calib_smollm2.py`` (slow).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from llama_export.calibration.accuracy import Gate, segment_logits
+from llama_export.calibration.collect import collect_stats
+from llama_export.calibration.data import load_text, token_segments
+from llama_export.calibration.graph import GraphIndex, find_groups, find_projections, is_lm_head
+from llama_export.calibration.pipeline import (
+    CACHE_FILE,
+    CalibrateOptions,
+    EvalOptions,
+    QuantizeOptions,
+    calibrate,
+    quantize,
+)
+from llama_export.calibration.smoothquant import plan_smoothing
+from llama_export.calibration.trt_cache import read_cache
+from llama_export.runtime.manifest import Manifest, sha256_file
+from llama_export.runtime.tokenizer import Tokenizer
+
+LOOSE = EvalOptions(samples=2, seq_len=32, gate=Gate(max_ppl_increase=1.0, min_top1=0.0))
+FAST = CalibrateOptions(samples=4, seq_len=32, decode_steps=4, keep_float=0, eval=LOOSE)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("calib") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    calibrate(out, FAST)
+    quantize(out, QuantizeOptions(bits=4, block_size=32, eval=LOOSE))
+    return out
+
+
+def _load(bundle: Path, variant: str) -> onnx.ModelProto:
+    return onnx.load(str(bundle / Manifest.load(bundle).variant(variant)["file"]))
+
+
+def _feed(manifest: Manifest, seq: int) -> dict[str, np.ndarray]:
+    from llama_export.calibration.data import empty_past, prefill_feed
+
+    ids = np.arange(3, 3 + seq, dtype=np.int64) % manifest.vocab_size
+    return prefill_feed(ids, empty_past(manifest))
+
+
+def test_int8_graph_is_valid_and_runs(int8_bundle: Path) -> None:
+    model = _load(int8_bundle, "int8")
+    onnx.checker.check_model(model, full_check=True)
+    manifest = Manifest.load(int8_bundle)
+    sess = ort.InferenceSession(str(int8_bundle / "model.int8.onnx"),
+                                providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], _feed(manifest, 7))[0]
+    assert logits.shape == (1, 7, manifest.vocab_size)
+    assert np.isfinite(logits).all()
+
+
+def test_every_projection_quantized_lm_head_and_norms_float(int8_bundle: Path) -> None:
+    model = _load(int8_bundle, "int8")
+    idx = GraphIndex(model)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    quantized = [n for n in matmuls
+                 if all(idx.producer.get(i) is not None
+                        and idx.producer[i].op_type == "DequantizeLinear" for i in n.input)]
+    # 2 layers x (q, k, v, o, gate, up, down); the attention MatMuls (Q.K, P.V) stay float
+    assert len(quantized) == 14
+    for n in quantized:
+        act_dq, w_dq = idx.producer[n.input[0]], idx.producer[n.input[1]]
+        q = idx.producer[act_dq.input[0]]
+        assert q.op_type == "QuantizeLinear"
+        assert idx.array(w_dq.input[0]).dtype == np.int8
+        assert all(not np.any(idx.array(z)) for z in (*q.input[2:], *w_dq.input[2:]))  # zp 0
+        assert idx.array(act_dq.input[1]).shape == ()                # per-tensor activation
+        assert idx.array(w_dq.input[1]).ndim == 1                    # per-channel weight
+    (head,) = [p for p in find_projections(model) if is_lm_head(idx, p)]
+    assert idx.array(head.weight).dtype == np.float32               # lm_head stays float
+    assert idx.producer[head.input].op_type == "Mul"
+    for n in model.graph.node:
+        if n.op_type in ("Softmax", "Sqrt", "ReduceMean", "Pow"):
+            assert all(idx.producer.get(i) is None or idx.producer[i].op_type not in
+                       ("DequantizeLinear", "QuantizeLinear") for i in n.input)
+
+
+def test_smoothquant_folding_keeps_fp32_outputs(tiny_bundle: Path) -> None:
+    manifest = Manifest.load(tiny_bundle)
+    fp32 = onnx.load(str(tiny_bundle / "model.onnx"))
+    tok = Tokenizer.from_bundle(tiny_bundle, manifest.tokenizer)
+    segs = token_segments(load_text(None), tok, samples=2, seq_len=32)
+    groups = find_groups(fp32)
+    assert {g.fold.kind for g in groups if g.fold} == {"norm", "matmul"}
+    stats = collect_stats(copy.deepcopy(fp32), manifest, segs,
+                          row_tensors=[g.input for g in groups], decode_steps=4)
+    for alpha in (0.5, 0.85):
+        folded = copy.deepcopy(fp32)
+        plans, tensors = plan_smoothing(folded, find_groups(folded), stats, method="minmax",
+                                        alpha=alpha)
+        assert sum(p.alpha is not None for p in plans) == 6  # qkv, gate/up, down per layer
+        tensors.apply(folded)
+        ref = segment_logits(fp32, manifest, segs)
+        got = segment_logits(folded, manifest, segs)
+        for r, g in zip(ref, got, strict=True):
+            np.testing.assert_allclose(g, r, atol=1e-4, rtol=0)
+
+
+def test_int4_graph_blocked_dq_runs(int8_bundle: Path) -> None:
+    model = _load(int8_bundle, "int4")
+    onnx.checker.check_model(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 21
+    idx = GraphIndex(model)
+    dqs = {idx.consumers[n.output[0]][0].name: n for n in model.graph.node
+           if n.op_type == "DequantizeLinear"}
+    assert len(dqs) == 15  # 14 projections + lm_head (8-bit)
+    types = {}
+    for consumer, n in dqs.items():
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs == {"axis": 0, "block_size": 32}
+        assert idx.nodes[consumer].op_type == "MatMul"
+        types[consumer] = idx.inits[n.input[0]].data_type
+    eight = {k for k, t in types.items() if t == onnx.TensorProto.INT8}
+    assert {k.split("/")[-2] for k in eight} == {"v_proj", "down_proj", "lm_head"}
+    assert all(t == onnx.TensorProto.UINT4 for k, t in types.items() if k not in eight)
+    assert all(len(dqs[k].input) == 3 for k in types if k not in eight)  # uint4 zero-point
+    manifest = Manifest.load(int8_bundle)
+    sess = ort.InferenceSession(str(int8_bundle / "model.int4.onnx"),
+                                providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(["logits"], _feed(manifest, 5))[0]).all()
+
+
+def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
+    manifest = Manifest.load(int8_bundle)
+    manifest.verify_files(int8_bundle)
+    v = manifest.variant("int8")
+    assert v["inputs"] == manifest.variant("fp32")["inputs"]
+    assert v["outputs"] == manifest.variant("fp32")["outputs"]
+    assert v["calibration"]["data_sha256"] == load_text(None).sha256
+    assert v["quantization"]["method"] == "minmax"
+    assert set(v["accuracy"]) >= {"ppl_fp32", "ppl", "top1_agreement", "mean_kl"}
+    assert manifest.variant("int4")["quantization"]["block_size"] == 32
+    assert sha256_file(int8_bundle / CACHE_FILE) == manifest.data["files"][CACHE_FILE]
+    _version, scales = read_cache(int8_bundle / CACHE_FILE)
+    graph_tensors = {o for n in _load(int8_bundle, "fp32").graph.node for o in n.output}
+    assert scales
+    assert set(scales) <= graph_tensors
+    assert all(s > 0 for s in scales.values())
+
+
+def test_runtime_loads_quantized_variants(int8_bundle: Path) -> None:
+    from llama_export.runtime.bundle import load_bundle
+
+    for variant in ("int8", "int4"):
+        with load_bundle(int8_bundle, variant=variant) as model:
+            out = model.generate("Hello", max_new_tokens=4, temperature=0.0)
+            assert out.finish_reason is not None
+            assert out.prompt_tokens > 0
+
+
+def test_keep_float_leaves_sensitive_projections_unquantized(tiny_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    entry = calibrate(out, CalibrateOptions(samples=4, seq_len=32, decode_steps=4,
+                                            keep_float=2, eval=LOOSE))
+    q = entry["quantization"]
+    assert len(q["sensitivity"]) == 2
+    assert q["quantized"] + len(q["excluded"]) == 14
+    model = _load(out, "int8")
+    idx = GraphIndex(model)
+    for p in find_projections(model):
+        quantized = idx.producer.get(p.input) is not None and \
+            idx.producer[p.input].op_type == "DequantizeLinear"
+        assert not quantized  # only float-weight projections are "projections" any more
+    kept = {p.label for p in find_projections(model)} - {"lm_head"}
+    assert kept == set(q["excluded"])
+
+
+def test_int8_weight_only_variant(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    entry = quantize(out, QuantizeOptions(bits=8, block_size=64, lm_head=False, eval=LOOSE))
+    assert entry["file"] == "model.int8wo.onnx"
+    assert entry["quantization"]["excluded"] == ["lm_head"]
+    model = _load(out, "int8wo")
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 14
+    idx = GraphIndex(model)
+    assert all(idx.inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dqs)
+    assert entry["accuracy"]["ppl_ratio"] < 1.01  # 8-bit weights barely move the tiny model

@@ -1,0 +1,97 @@
+"""Bad input to `calibrate` / `quantize`: one-line errors, and the bundle stays as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llama_export.runtime.cli import main
+from llama_export.runtime.manifest import sha256_file
+
+
+@pytest.fixture
+def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    return int(e.value.code or 0), err
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("", "is empty: give it some text"),
+    ("   \n\n", "is empty: give it some text"),
+    ("Too short.", "is too short"),
+])
+def test_empty_or_short_calibration_file(bundle: Path, tmp_path: Path, content: str,
+                                         expected: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "calib.txt"
+    data.write_text(content)
+    before = _snapshot(bundle)
+    code, err = _run(["calibrate", str(bundle), "--data", str(data)], capsys)
+    assert code == 2
+    assert err.startswith("error: calibration data")
+    assert expected in err
+    assert "\n" not in err
+    assert _snapshot(bundle) == before
+
+
+def test_jsonl_without_text_field(bundle: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"prompt": "hello"}\n')
+    code, err = _run(["calibrate", str(bundle), "--data", str(data)], capsys)
+    assert code == 2
+    assert err == f'error: {data}:1 has no "text" string: write {{"text": "..."}} per line'
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc"])
+def test_alpha_outside_unit_interval(bundle: Path, alpha: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(bundle)
+    code, err = _run(["calibrate", str(bundle), "--smoothquant", alpha], capsys)
+    assert code == 2
+    assert err.startswith(f"error: --smoothquant {alpha} ")
+    assert "[0, 1]" in err
+    assert "\n" not in err
+    assert _snapshot(bundle) == before
+
+
+@pytest.mark.parametrize("command", [["calibrate"], ["quantize", "--int4"]])
+def test_bundle_without_fp32_variant(bundle: Path, command: list[str],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"] = {"fp16": manifest["variants"].pop("fp32")}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(bundle)
+    code, err = _run([*command, str(bundle)], capsys)
+    assert code == 2
+    assert err == (f"error: bundle {bundle} has no fp32 variant (has: fp16): quantization starts "
+                   "from fp32; re-export with `llama-export onnx --dtype fp32`")
+    assert _snapshot(bundle) == before
+
+
+def test_failed_gate_writes_nothing(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(bundle)
+    code, err = _run(["calibrate", str(bundle), "--samples", "2", "--seq-len", "32",
+                      "--keep-float", "0", "--eval-samples", "1", "--max-ppl-increase", "-1"],
+                     capsys)
+    assert code == 2
+    lines = err.splitlines()
+    assert lines[-1].startswith("error: int8 variant fails the accuracy gate")
+    assert "nothing was written. Try" in lines[-1]
+    assert "--method percentile" in lines[-1]
+    assert _snapshot(bundle) == before

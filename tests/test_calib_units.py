@@ -1,0 +1,113 @@
+"""Unit tests of the pure-numpy calibration pieces (no bundle needed, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama_export.calibration.quant import activation_amax, entropy_amax, fake_quant, quantize_weight
+from llama_export.calibration.smoothquant import smoothing_factors
+from llama_export.calibration.trt_cache import format_cache, hex_to_scale, parse_cache
+from llama_export.calibration.weight_only import dequantize_blocked, quantize_blocked
+from llama_export.runtime.errors import CalibrationError
+
+
+def test_trt_cache_round_trip_is_exact() -> None:
+    rng = np.random.default_rng(0)
+    amax = {f"/layers.{i}/mlp/Mul_1_output_0": float(a)
+            for i, a in enumerate(rng.uniform(1e-3, 200, 50))}
+    text = format_cache(amax, trt_version=100300)
+    assert text.splitlines()[0] == "TRT-100300-EntropyCalibration2"
+    version, scales = parse_cache(text)
+    assert version == 100300
+    assert list(scales) == list(amax)
+    for name, a in amax.items():  # the cache stores IEEE single floats: exact after rounding
+        assert scales[name] == float(np.float32(a / 127.0))
+    assert parse_cache(format_cache_from(scales)) == (100300, scales)  # parse → write → parse
+    assert hex_to_scale("3f800000") == 1.0  # big-endian IEEE 754: 1.0
+
+
+def format_cache_from(scales: dict[str, float]) -> str:
+    return format_cache({k: v * 127.0 for k, v in scales.items()}, trt_version=100300)
+
+
+def test_trt_cache_rejects_garbage() -> None:
+    with pytest.raises(CalibrationError, match="TRT-<version>"):
+        parse_cache("hello\nx: 3f800000\n")
+    with pytest.raises(CalibrationError, match="line 2"):
+        parse_cache("TRT-100300-EntropyCalibration2\nx: zz\n")
+
+
+def test_weight_quantization_is_symmetric_per_channel() -> None:
+    w = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+    w[:, 3] *= 100  # one loud output channel must not cost the others their precision
+    q, s = quantize_weight(w)
+    assert q.dtype == np.int8
+    assert s.shape == (8,)
+    assert np.abs(q).max() == 127
+    err = np.abs(q * s - w).max(axis=0)
+    assert np.all(err <= s / 2 + 1e-6)
+    assert err[0] < err[3] / 50
+
+
+def test_blocked_int4_round_trip_error_bounded() -> None:
+    w = np.random.default_rng(2).normal(size=(70, 5)).astype(np.float32)  # K not a multiple
+    q, s = quantize_blocked(w, bits=4, block=32)
+    assert s.shape == (3, 5)
+    assert q.min() >= -8
+    assert q.max() <= 7
+    back = dequantize_blocked(q, s, 32)
+    assert np.all(np.abs(back - w) <= np.repeat(s, 32, axis=0)[:70] / 2 + 1e-6)
+
+
+def test_range_methods_clip_outliers() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4096, 16)).astype(np.float32)
+    x[0, 0] = 80.0
+    assert activation_amax(x, "minmax") == pytest.approx(80.0)
+    assert 3.0 < activation_amax(x, "percentile", 99.9) < 6.0
+    ent = entropy_amax(np.abs(x).ravel(), 80.0)
+    assert ent < 20.0
+    # the clipped range gives a lower error than minmax on the bulk of the data
+    bulk = x[1:]
+    e_min = np.abs(fake_quant(bulk, 80.0 / 127) - bulk).mean()
+    e_ent = np.abs(fake_quant(bulk, ent / 127) - bulk).mean()
+    assert e_ent < e_min
+
+
+def test_smoothing_factors_balance_ranges() -> None:
+    act = np.array([100.0, 1.0, 1.0], dtype=np.float32)
+    w = np.ones((3, 4), dtype=np.float32)
+    s = smoothing_factors(act, [w], 0.5)
+    np.testing.assert_allclose(s, [10.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(act / s, np.abs(w * s[:, None]).max(axis=1), rtol=1e-6)
+
+
+def test_int4_packing_matches_onnx() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llama_export.calibration.qdq import pack_int4
+
+    q = np.array([[-8, 7, 0], [3, -1, 5]], dtype=np.int8)
+    t = helper.make_tensor("w", TensorProto.INT4, q.shape, pack_int4(q), raw=True)
+    np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), q)
+
+
+def test_asymmetric_int4_beats_symmetric_and_reproduces_a_4bit_grid() -> None:
+    from llama_export.calibration.weight_only import quantize_blocked_asym
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(64, 6)).astype(np.float32) + 0.3
+    q, s, z = quantize_blocked_asym(w, 32)
+    assert q.dtype == np.uint8
+    assert q.max() <= 15
+    assert z.max() <= 15
+    asym = np.linalg.norm(dequantize_blocked(q, s, 32, z) - w)
+    qs, ss = quantize_blocked(w, 4, 32)
+    assert asym < np.linalg.norm(dequantize_blocked(qs, ss, 32) - w)
+    # weights already on an integer-offset 4-bit grid come back exactly
+    grid = (rng.integers(0, 16, size=(64, 6)) - 5).astype(np.float32) * 0.25
+    grid[0], grid[32] = -1.25, -1.25  # every block spans the full 0..15 range
+    grid[1], grid[33] = 2.5, 2.5
+    q, s, z = quantize_blocked_asym(grid, 32)
+    np.testing.assert_allclose(dequantize_blocked(q, s, 32, z), grid, atol=1e-6)
