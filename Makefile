@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force
+	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force --logits last
 	$(BIN)/llama-export generate $(DEMO_BUNDLE) --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
 lint: $(STAMP)
@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" -s
 
 bench: $(STAMP)
-	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --baseline torch
+	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --runs 3 --baseline torch
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
