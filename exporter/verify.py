@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from llama_export.runtime.errors import ParityError
+from llama_export.runtime.generate import left_pad
 from llama_export.runtime.manifest import Manifest
 
 from .sources import Progress
@@ -61,16 +62,6 @@ def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]
             return [ids[0][:12], ids[1][: max(1, min(len(ids[1]), len(ids[0][:12]) - 2))]]
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab, 7).tolist(), rng.integers(0, vocab, 4).tolist()]
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(r) for r in rows)
-    ids = np.full((len(rows), T), pad, dtype=np.int64)
-    mask = np.zeros((len(rows), T), dtype=np.int64)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = r
-        mask[b, T - len(r):] = 1
-    return ids, mask
 
 
 def _positions(mask: np.ndarray) -> np.ndarray:
@@ -141,7 +132,7 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
 
     precision = str(manifest.variant(variant).get("precision", variant))
     pad = manifest.tokenizer.get("pad_token_id") or 0
-    ids, mask = _left_pad(_prompt_ids(bundle, manifest, manifest.vocab_size), pad)
+    ids, mask = left_pad(_prompt_ids(bundle, manifest, manifest.vocab_size), pad)
     full_ids, full_mask = ids, mask
     errs: list[np.ndarray] = []
     agree: list[np.ndarray] = []
