@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from llama_export.runtime.errors import ParityError
-from llama_export.runtime.generate import left_pad
+from llama_export.runtime.generate import left_pad, positions_from_mask
 from llama_export.runtime.manifest import Manifest
 
 from .sources import Progress
@@ -62,10 +62,6 @@ def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]
             return [ids[0][:12], ids[1][: max(1, min(len(ids[1]), len(ids[0][:12]) - 2))]]
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab, 7).tolist(), rng.integers(0, vocab, 4).tolist()]
-
-
-def _positions(mask: np.ndarray) -> np.ndarray:
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
 class _OrtStepper:
@@ -139,12 +135,12 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
     ref_max = 0.0
     step_ids = ids
     for _ in range(steps + 1):
-        pos = _positions(full_mask)[:, -step_ids.shape[1]:]
+        pos = positions_from_mask(full_mask, step_ids.shape[1])
         got = ours.step(step_ids, full_mask, pos)
         with torch.no_grad():
             ref = reference(input_ids=torch.from_numpy(full_ids),
                             attention_mask=torch.from_numpy(full_mask),
-                            position_ids=torch.from_numpy(_positions(full_mask)),
+                            position_ids=torch.from_numpy(positions_from_mask(full_mask, full_mask.shape[1])),
                             use_cache=False).logits.float().numpy()
         ref = ref[:, -got.shape[1]:, :]
         valid = full_mask[:, -got.shape[1]:].astype(bool)  # skip pad query positions
