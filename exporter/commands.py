@@ -23,13 +23,17 @@ import click
               help="Logits for every position, or the last one only (faster prefill).")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against transformers.")
+@click.option("--no-ort-graph", is_flag=True,
+              help="Skip the ONNX-Runtime-optimized graph (contrib ops; the runtime's default on "
+                   "CPU): only the standard graph, e.g. for a TensorRT-only bundle.")
 def onnx(model: str | None, out: str, dtype: str, max_seq_len: int | None, max_batch: int,
-         opset: int, logits: str, force: bool, no_verify: bool) -> None:
+         opset: int, logits: str, force: bool, no_verify: bool, no_ort_graph: bool) -> None:
     """Export MODEL (HF folder, .gguf file, or omitted: built-in SmolLM2-135M-Instruct)."""
     from .export import ExportOptions, export_bundle
 
     opts = ExportOptions(dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,  # type: ignore[arg-type]
-                         opset=opset, logits=logits, force=force, verify=not no_verify)  # type: ignore[arg-type]
+                         opset=opset, logits=logits, force=force, verify=not no_verify,  # type: ignore[arg-type]
+                         ort_graph=not no_ort_graph)
     path = export_bundle(model, out, opts)
     click.echo(str(path))
 
@@ -40,7 +44,9 @@ def onnx(model: str | None, out: str, dtype: str, max_seq_len: int | None, max_b
               help="Source the bundle came from (default: recorded in the manifest).")
 @click.option("--variant", default=None, help="Variant to check (default: fp32, else fp16).")
 @click.option("--steps", default=6, show_default=True, help="Decode steps after the prefill.")
-def verify(bundle: str, model: str | None, variant: str | None, steps: int) -> None:
+@click.option("--graph", type=click.Choice(["all", "standard", "ort"]), default="all",
+              show_default=True, help="Which of the variant's graphs to check.")
+def verify(bundle: str, model: str | None, variant: str | None, steps: int, graph: str) -> None:
     """Compare a bundle variant with the PyTorch original (transformers LlamaForCausalLM)."""
     from llama_export.runtime.manifest import Manifest
 
@@ -50,6 +56,13 @@ def verify(bundle: str, model: str | None, variant: str | None, steps: int) -> N
     if model is None:
         origin = str(manifest.data.get("provenance", {}).get("source", ""))
         model = None if origin.startswith("builtin:") else origin
-    report = verify_bundle(bundle, model, manifest=manifest, variant=variant, steps=steps,
-                           progress=lambda m: click.echo(m, err=True))
-    click.echo(report.summary())
+    from .reference import load_reference
+
+    name = variant or manifest.default_variant()
+    graphs = manifest.graphs(name) if graph == "all" else [graph]
+    reference = load_reference(model)
+    for g in graphs:
+        report = verify_bundle(bundle, model, manifest=manifest, variant=name, steps=steps,
+                               reference=reference, graph=g,
+                               progress=lambda m: click.echo(m, err=True))
+        click.echo(report.summary())

@@ -3,6 +3,11 @@
     source ──load──► LlamaConfig + state dict ──► LlamaDecoder ──torch.onnx.export──► raw ONNX
         ──tidy (readable weight names, one external-data file past 2 GB)──► BUNDLE.tmp/
         ──verify vs transformers (ONNX Runtime CPU)──► manifest.json (last) ──rename──► BUNDLE
+
+Each variant gets two graphs of the same weights and IO: the *standard* graph (plain ONNX ops,
+what TensorRT builds and any ONNX consumer reads) and, unless ``ort_graph=False``, the
+*ONNX Runtime* graph (contrib ops, see ``ort_ops.py``) the runtime prefers on CPU. Both are
+verified against transformers; they share one weights file.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
 from .model import LlamaDecoder
-from .onnx_tidy import tidy_onnx
+from .onnx_tidy import tidy_onnx_graphs
+from .ort_ops import MS_DOMAIN
 from .sources import Progress, Source, load_source
 
 TWO_GB = 2 * 1024**3
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+ORT_GRAPH_FILES = {"fp32": "model.ort.onnx", "fp16": "model.fp16.ort.onnx"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class ExportOptions:
     logits: Literal["all", "last"] = "all"
     force: bool = False
     verify: bool = True
+    ort_graph: bool = True  # also write the ONNX-Runtime-optimized graph (contrib ops)
 
 
 _T0 = time.perf_counter()
@@ -81,8 +89,11 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
             from .reference import reference_from_state_dict
             from .verify import verify_bundle
             ref = reference_from_state_dict(src.config, src.state_dict)
-            report = verify_bundle(tmp, model, manifest=manifest, reference=ref, progress=progress)
-            manifest.data["variants"][opts.dtype]["parity"] = report.to_dict()
+            entry = manifest.data["variants"][opts.dtype]
+            for graph in ("standard", "ort") if opts.ort_graph else ("standard",):
+                report = verify_bundle(tmp, model, manifest=manifest, reference=ref,
+                                       graph=graph, progress=progress)
+                (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
         manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
         manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle
         _replace_dir(tmp, out)
@@ -108,22 +119,28 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     cfg = src.config
     max_seq = opts.max_seq_len or min(cfg.max_position_embeddings, 4096)
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
-    module = LlamaDecoder(cfg, last_logits_only=opts.logits == "last")
-    module.load_state_dict(src.state_dict, strict=False)
-    _check_loaded(module, src)
-    module = module.to(dtype).eval()
-    file = VARIANT_FILES[opts.dtype]
+    files = {"standard": VARIANT_FILES[opts.dtype]}
+    if opts.ort_graph:
+        files["ort"] = ORT_GRAPH_FILES[opts.dtype]
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
-    progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset})")
-    _trace(module, raw_dir / file, opts.opset, dtype)
+    for flavor, file in files.items():
+        module = LlamaDecoder(cfg, last_logits_only=opts.logits == "last", flavor=flavor,  # type: ignore[arg-type]
+                              max_positions=max_seq)
+        module.load_state_dict(src.state_dict, strict=False)
+        _check_loaded(module, src)
+        module = module.to(dtype).eval()
+        progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
+                 f"{flavor} graph)")
+        _trace(module, raw_dir / file, opts.opset, dtype)
+        del module
     progress("saving ONNX")
-    data_file = tidy_onnx(raw_dir / file, tmp / file, TWO_GB)
+    data_file = tidy_onnx_graphs([(raw_dir / f, tmp / f) for f in files.values()], TWO_GB)
     shutil.rmtree(raw_dir)
     for name, blob in src.tokenizer_files.items():
         (tmp / name).write_bytes(blob)
-    manifest = Manifest(_manifest_dict(src, opts, max_seq, file, data_file))
-    for rel in [file, data_file, *src.tokenizer_files]:
+    manifest = Manifest(_manifest_dict(src, opts, max_seq, files, data_file))
+    for rel in [*files.values(), data_file, *src.tokenizer_files]:
         if rel:
             manifest.record_file(tmp, rel)
     return manifest
@@ -162,10 +179,11 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (ids, mask, pos, *past), str(path), input_names=in_names,
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+                          do_constant_folding=True, dynamo=False,
+                          custom_opsets={MS_DOMAIN: 1} if module.flavor == "ort" else None)
 
 
-def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, file: str,
+def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[str, str],
                    data_file: str | None) -> dict[str, Any]:
     import onnx
     import transformers
@@ -180,6 +198,12 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, file: str,
     outputs = [{"name": "logits", "dtype": fdtype, "dims": logits_dims}, *present]
     from importlib.metadata import version
 
+    variant: dict[str, Any] = {
+        "file": files["standard"], "data_file": data_file, "precision": opts.dtype,
+        "scheme": opts.dtype, "logits": opts.logits, "opset": opts.opset, "inputs": inputs,
+        "outputs": outputs}
+    if "ort" in files:
+        variant["ort_graph"] = ort_graph_entry(files["ort"])
     return {
         "format_version": FORMAT_VERSION,
         "model": cfg.to_manifest(),
@@ -188,9 +212,7 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, file: str,
                  "past": {"min": 0, "opt": min(128, max_seq - 1), "max": max_seq - 1},
                  "total": {"min": 1, "opt": min(256, max_seq), "max": max_seq}},
         "tokenizer": {"files": sorted(src.tokenizer_files), **src.tokenizer_info},
-        "variants": {opts.dtype: {"file": file, "data_file": data_file, "precision": opts.dtype,
-                                  "scheme": opts.dtype, "logits": opts.logits, "opset": opts.opset,
-                                  "inputs": inputs, "outputs": outputs}},
+        "variants": {opts.dtype: variant},
         "engines": [],
         "provenance": {"source": src.origin, "source_kind": src.kind,
                        "source_fingerprint": src.fingerprint, "tool": "llama-export",
@@ -199,3 +221,17 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, file: str,
                        "onnx_version": onnx.__version__, **src.extra},
         "files": {},
     }
+
+
+def ort_graph_entry(file: str) -> dict[str, Any]:
+    """Manifest entry of a variant's ONNX-Runtime graph (same IO as the variant's standard graph).
+
+    ``kv_buffer: shared``: past and present of a layer may be one preallocated buffer of the
+    cache's capacity (GroupQueryAttention then writes the new K/V in place). ``rope_positions:
+    slots``: RoPE uses slot indices, equal to the standard graph when ``position_ids`` follow
+    the manifest's contract (``cumsum(attention_mask) - 1``); see ``ort_ops.py``.
+    """
+    from .ort_ops import CONTRIB_OPS, MS_DOMAIN
+
+    return {"file": file, "contrib_ops": [f"{MS_DOMAIN}.{op}" for op in CONTRIB_OPS],
+            "kv_buffer": "shared", "rope_positions": "slots"}

@@ -10,12 +10,17 @@ size; norms and softmax in fp32 even in an fp16 graph. Parameter names equal tra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch idiom
 from torch import Tensor, nn
 
+from . import ort_ops
 from .config import LlamaConfig
+
+Flavor = Literal["standard", "ort"]
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
@@ -56,24 +61,65 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def skip(self, x: Tensor, skip: Tensor | None, fused: bool) -> tuple[Tensor, Tensor]:
+        """``(norm(x + skip), x + skip)``; ``fused``: one SkipSimplifiedLayerNormalization."""
+        if skip is None:
+            return self(x), x
+        if fused:
+            y, s = ort_ops.SkipRMSNorm.apply(x, skip, self.weight, self.eps)
+            return y, s
+        s = x + skip
+        return self(s), s
+
+
+class Packed(nn.Module):
+    """One MatMul over concatenated projection weights (no parameters of its own: the weights
+    stay in q/k/v_proj, so state dicts are unchanged). As a module it gives the traced MatMul
+    the scope ``.../self_attn/qkv_proj``, hence the weight name ``...qkv_proj.weight_t``."""
+
+    def forward(self, x: Tensor, *parts: nn.Linear) -> Tensor:
+        w = torch.cat([p.weight for p in parts], dim=0)
+        b = None if parts[0].bias is None else torch.cat([p.bias for p in parts], dim=0)
+        return F.linear(x, w, b)
+
+
+@dataclass
+class StepInputs:
+    """Per-forward tensors every layer shares (computed once, so the graph holds one copy).
+
+    ``standard``: ``rope`` = (cos, sin) ``(B, 1, T, hd)``, ``mask`` ``(B, 1, 1, T, S)`` fp32.
+    ``ort``: ``rope`` = (cos_cache, sin_cache) ``(max_pos, hd/2)``, ``mask`` ``(B, 1, T, S)`` in
+    the model dtype, plus ``seqlens_k`` and ``total`` for GroupQueryAttention.
+    """
+
+    bts: tuple[int, int, int]
+    rope: tuple[Tensor, Tensor]
+    mask: Tensor
+    seqlens_k: Tensor | None = None
+    total: Tensor | None = None
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, flavor: Flavor = "standard") -> None:
         super().__init__()
+        self.flavor = flavor
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.qkv_proj = Packed()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
-                past: tuple[Tensor, Tensor], bts: tuple[int, int, int]
+    def forward(self, x: Tensor, step: StepInputs, past: tuple[Tensor, Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.flavor == "ort":
+            return self._forward_ort(x, step, past)
         # (B, T, S) come from the input shapes, shared by every layer: the traced Shape/Concat
         # chains for the reshapes are identical across layers and ONNX Runtime's CSE merges them.
-        B, T, S = bts
-        cos, sin = rope
+        B, T, S = step.bts
+        cos, sin = step.rope
+        mask = step.mask
         past_k, past_v = past
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
@@ -93,6 +139,17 @@ class Attention(nn.Module):
         out = out.view(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(out), k, v
 
+    def _forward_ort(self, x: Tensor, step: StepInputs, past: tuple[Tensor, Tensor]
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        assert step.seqlens_k is not None
+        assert step.total is not None
+        cos_cache, sin_cache = step.rope
+        qkv = self.qkv_proj(x, self.q_proj, self.k_proj, self.v_proj)         # (B, T, (H+2n_kv)*hd)
+        out, k_all, v_all = ort_ops.GroupQueryAttention.apply(
+            qkv, past[0], past[1], step.seqlens_k, step.total, cos_cache, sin_cache, step.mask,
+            (self.n_heads, self.n_kv))                                        # (B, T, H*hd)
+        return self.o_proj(out), k_all, v_all
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -107,26 +164,30 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, flavor: Flavor = "standard") -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, flavor)
         self.mlp = FeedForward(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
-                past: tuple[Tensor, Tensor], bts: tuple[int, int, int]
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        h, k, v = self.self_attn(self.input_layernorm(x), rope, mask, past, bts)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+    def forward(self, x: Tensor, pending: Tensor | None, step: StepInputs,
+                past: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``x`` + ``pending`` (the previous layer's MLP output) is this layer's input; returns
+        the residual stream and this layer's MLP output still to be added (fused into the next
+        norm in the ``ort`` flavor)."""
+        fused = self.self_attn.flavor == "ort"
+        h, x = self.input_layernorm.skip(x, pending, fused)
+        a, k, v = self.self_attn(h, step, past)
+        h, x = self.post_attention_layernorm.skip(x, a, fused)
+        return x, self.mlp(h), k, v
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, flavor: Flavor = "standard") -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, flavor) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -137,43 +198,65 @@ class LlamaDecoder(nn.Module):
     ``(B, P + T)`` with 0 for (left) padding. ``last_logits_only`` slices before ``lm_head``.
     """
 
-    def __init__(self, cfg: LlamaConfig, *, last_logits_only: bool = False) -> None:
+    def __init__(self, cfg: LlamaConfig, *, last_logits_only: bool = False,
+                 flavor: Flavor = "standard", max_positions: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.last_logits_only = last_logits_only
-        self.model = LlamaModel(cfg)
+        self.flavor = flavor
+        self.model = LlamaModel(cfg, flavor)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # A constant, not a buffer that changes: exported as an initializer.
+        # Constants, not buffers that change: exported as initializers.
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if flavor == "ort":  # RotaryEmbedding looks positions up in (max_pos, hd/2) tables
+            cos, sin = ort_ops.rope_caches(self.inv_freq, max_positions or cfg.max_position_embeddings)
+            self.cos_cache: Tensor
+            self.sin_cache: Tensor
+            self.register_buffer("cos_cache", cos, persistent=False)
+            self.register_buffer("sin_cache", sin, persistent=False)
 
-    def _mask(self, attention_mask: Tensor, T: int, S: int) -> Tensor:
-        """Additive fp32 mask ``(B, 1, 1, T, S)``: causal over absolute positions plus padding."""
+    def _mask(self, attention_mask: Tensor, T: int, S: int,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+        """Additive mask ``(B, 1, T, S)``: causal over absolute positions plus padding."""
         q_pos = torch.arange(T, device=attention_mask.device) + (S - T)      # (T,)
         k_pos = torch.arange(S, device=attention_mask.device)                 # (S,)
         causal = k_pos[None, :] <= q_pos[:, None]                             # (T, S)
         allowed = causal[None, :, :] & attention_mask[:, None, :].bool()       # (B, T, S)
         # finfo.min, not -inf: a fully masked row (a pad query) stays finite instead of NaN.
-        neg = torch.full_like(allowed, torch.finfo(torch.float32).min, dtype=torch.float32)
+        neg = torch.full_like(allowed, torch.finfo(dtype).min, dtype=dtype)
         zero = torch.zeros_like(neg)
-        return torch.where(allowed, zero, neg)[:, None, None, :, :]
+        return torch.where(allowed, zero, neg)[:, None, :, :]
+
+    def _step_inputs(self, attention_mask: Tensor, position_ids: Tensor, dtype: torch.dtype
+                     ) -> StepInputs:
+        B, T = position_ids.shape
+        S = attention_mask.shape[1]
+        if self.flavor == "ort":
+            total = torch._shape_as_tensor(attention_mask)[1]                 # int64 scalar
+            seqlens_k = torch.zeros_like(attention_mask[:, 0]) + (total - 1)  # (B,)
+            return StepInputs((B, T, S), (self.cos_cache.to(dtype), self.sin_cache.to(dtype)),
+                              self._mask(attention_mask, T, S, dtype),
+                              seqlens_k.to(torch.int32), total.to(torch.int32))
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :, :]                # (B, 1, T, hd)
+        rope = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return StepInputs((B, T, S), rope, self._mask(attention_mask, T, S)[:, :, None])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
         x = self.model.embed_tokens(input_ids)                                # (B, T, D)
-        B, T = input_ids.shape
-        S = attention_mask.shape[1]
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :, :]                # (B, 1, T, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = self._mask(attention_mask, T, S)
+        step = self._step_inputs(attention_mask, position_ids, x.dtype)
         presents: list[Tensor] = []
+        pending: Tensor | None = None
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, (cos, sin), mask, (past[2 * i], past[2 * i + 1]), (B, T, S))
+            x, pending, k, v = layer(x, pending, step, (past[2 * i], past[2 * i + 1]))
             presents += [k, v]
+        assert pending is not None  # num_layers >= 1
         if self.last_logits_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(self.model.norm(x))                             # (B, T|1, V)
+            x, pending = x[:, -1:, :], pending[:, -1:, :]
+        h, _ = self.model.norm.skip(x, pending, self.flavor == "ort")
+        logits = self.lm_head(h)                                              # (B, T|1, V)
         return (logits, *presents)

@@ -5,13 +5,20 @@ after the node that consumes them (``model.layers.0.self_attn.q_proj.weight_t``)
 reports and humans can find them. Past 2 GB the protobuf limit forces external data: everything
 goes into one ``<file>.data`` beside the model, referenced by a relative path so the bundle loads
 from any working directory.
+
+Several graphs of one variant (the standard graph and the ONNX-Runtime graph) share one data
+file: a weight both hold (everything but the packed QKV) is stored once. SmolLM2 fp32: two
+graphs in 0.72 GB instead of 1.30 GB.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 # onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 by default (shared/DESIGN.md §9).
 MAX_IR_VERSION = 10
@@ -55,15 +62,57 @@ def rename_matmul_weights(model: onnx.ModelProto) -> int:
 
 def tidy_onnx(src: Path, dst: Path, external_threshold: int) -> str | None:
     """Rewrite ``src`` (+ its external data) as ``dst``; returns the data file name or None."""
-    model = onnx.load(str(src), load_external_data=True)
-    rename_matmul_weights(model)
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    model.producer_name = "llama-export"
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size < external_threshold:
-        onnx.save_model(model, str(dst))
+    return tidy_onnx_graphs([(src, dst)], external_threshold)
+
+
+def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int) -> str | None:
+    """Tidy each ``(src, dst)``. One graph under ``external_threshold`` is saved inline (None is
+    returned); otherwise all weights go into one shared ``<first dst>.data`` (its name returned).
+    """
+    models = []
+    for src, _ in pairs:
+        model = onnx.load(str(src), load_external_data=True)
+        rename_matmul_weights(model)
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        model.producer_name = "llama-export"
+        models.append(model)
+    size = sum(len(t.raw_data) for t in models[0].graph.initializer)
+    if len(pairs) == 1 and size < external_threshold:
+        onnx.save_model(models[0], str(pairs[0][1]))
         return None
-    data_name = dst.name + ".data"
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    data_name = pairs[0][1].name + ".data"
+    _externalize_shared(models, pairs[0][1].parent / data_name, data_name)
+    for model, (_, dst) in zip(models, pairs, strict=True):
+        onnx.save_model(model, str(dst))
     return data_name
+
+
+ALIGN = 4096  # page-aligned offsets: ONNX Runtime can map them without copying
+
+
+def _externalize_shared(models: Sequence[onnx.ModelProto], path: Path, location: str,
+                        size_threshold: int = 1024) -> None:
+    """Move every initializer of ``size_threshold`` bytes or more into ``path``, each distinct
+    byte string once (the same weight in two graphs gets one offset)."""
+    written: dict[bytes, tuple[int, int]] = {}
+    with open(path, "wb") as f:
+        for model in models:
+            for t in model.graph.initializer:
+                raw = t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+                if len(raw) < size_threshold:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                if key not in written:
+                    f.write(b"\0" * (-f.tell() % ALIGN))
+                    written[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = written[key]
+                dims, dtype, name = list(t.dims), t.data_type, t.name
+                t.Clear()
+                t.name, t.data_type = name, dtype
+                t.dims.extend(dims)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", location), ("offset", str(offset)),
+                             ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v

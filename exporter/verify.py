@@ -32,6 +32,7 @@ PROMPTS = ("The capital of France is", "def add(a, b):\n    return")
 @dataclass
 class ParityReport:
     variant: str
+    graph: str
     max_abs_err: float
     mean_abs_err: float
     ref_max_abs: float
@@ -45,7 +46,8 @@ class ParityReport:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.variant}: max-abs logits error {self.max_abs_err:.2e} (tolerance "
+        graph = "" if self.graph == "standard" else f" ({self.graph} graph)"
+        return (f"{self.variant}{graph}: max-abs logits error {self.max_abs_err:.2e} (tolerance "
                 f"{self.tolerance:.2e}, |ref| max {self.ref_max_abs:.1f}), mean {self.mean_abs_err:.2e}, "
                 f"greedy agreement {self.greedy_agreement:.1%} over {self.positions} positions "
                 f"(prefill + {self.decode_steps} decode steps, batch 2 left-padded)")
@@ -67,10 +69,10 @@ def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]
 class _OrtStepper:
     """Minimal prefill/decode driver over an ONNX Runtime session (numpy IO; verification only)."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, variant: str) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, variant: str, graph: str) -> None:
         import onnxruntime as ort
 
-        v = manifest.variant(variant)
+        v = manifest.graph(variant, graph)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = 1  # tiny batches: spinning thread pools only add contention
@@ -95,23 +97,26 @@ class _OrtStepper:
 
 def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] | None, *,
                   manifest: Manifest | None = None, variant: str | None = None,
-                  steps: int = 6, reference: Any = None,
+                  steps: int = 6, reference: Any = None, graph: str = "standard",
                   progress: Progress = lambda _: None) -> ParityReport:
-    """Compare ``variant`` of ``bundle`` with the PyTorch original; raise ParityError on failure."""
+    """Compare ``variant`` of ``bundle`` (its ``graph``: standard | ort) with the PyTorch
+    original; raise ParityError on failure."""
     import torch
 
     bundle = Path(bundle)
     manifest = manifest or Manifest.load(bundle)
     variant = variant or manifest.default_variant()
-    progress(f"verifying {variant} against transformers LlamaForCausalLM (ONNX Runtime CPU)")
+    progress(f"verifying {variant} ({graph} graph) against transformers LlamaForCausalLM "
+             "(ONNX Runtime CPU)")
+    ours = _OrtStepper(bundle, manifest, variant, graph)  # fails fast on a missing graph
     if reference is None:
         from .reference import load_reference
         reference = load_reference(model)
-    ours = _OrtStepper(bundle, manifest, variant)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few short sequences: one thread is faster than two that spin
     try:
         report = _compare(ours, reference, bundle, manifest, variant, steps)
+        report.graph = graph
     finally:
         torch.set_num_threads(threads)
     progress("parity " + report.summary())
@@ -157,5 +162,5 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
     agreement = float(np.concatenate(agree).mean())
     passed = bool(np.isfinite(err).all() and err.max() <= tol
                   and agreement >= MIN_GREEDY_AGREEMENT.get(precision, 0.9))
-    return ParityReport(variant, float(err.max()), float(err.mean()), ref_max, tol, agreement,
+    return ParityReport(variant, "standard", float(err.max()), float(err.mean()), ref_max, tol, agreement,
                         int(err.size), steps, passed)

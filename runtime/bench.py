@@ -79,6 +79,12 @@ def synthetic_prompt(model: Model, length: int) -> list[int]:
     return ids[:length]
 
 
+def ours_label(model: Model) -> str:
+    """``ours:ort`` / ``ours:standard`` (which graph ONNX Runtime runs), ``ours`` otherwise."""
+    graph = getattr(model.backend, "graph", None)
+    return f"ours:{graph}" if graph else "ours"
+
+
 Runner = Callable[[], dict[str, float]]  # one run → {"prefill_tok_s", "decode_tok_s", ...}
 
 
@@ -179,13 +185,13 @@ def measure(runners: dict[str, Runner], runs: int,
 def format_table(results: Sequence[BenchResult]) -> str:
     """Plain-text table; ratios are relative to the first row (ours)."""
     base = results[0]
-    lines = [f"{'':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ms/token':>9s} "
+    lines = [f"{'':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ms/token':>9s} "
              f"{'outside':>8s} {'peak RSS MB':>12s}"]
     for r in results:
         outside = f"{r.outside_share:.1%}" if r.outside_share is not None else "-"
-        lines.append(f"{r.name:8s} {r.prefill_tok_s:14.1f} {r.decode_tok_s:13.1f} "
+        lines.append(f"{r.name:14s} {r.prefill_tok_s:14.1f} {r.decode_tok_s:13.1f} "
                      f"{r.ms_per_token:9.2f} {outside:>8s} {r.peak_rss_mb:12.0f}")
     for r in results[1:]:
-        lines.append(f"ours / {r.name}: prefill {base.prefill_tok_s / r.prefill_tok_s:.2f}x, "
+        lines.append(f"{base.name} / {r.name}: prefill {base.prefill_tok_s / r.prefill_tok_s:.2f}x, "
                      f"decode {base.decode_tok_s / r.decode_tok_s:.2f}x")
     return "\n".join(lines)

@@ -126,18 +126,26 @@ class Model:
 
 def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backend: str = "ort",
                 provider: str = "cpu", threads: int | None = None, verify: bool = True,
-                *, spin: bool = True) -> Model:
+                *, spin: bool = True, graph: str = "auto") -> Model:
     """Load a bundle: validate the manifest (version, files, sha256) and open one variant.
 
     ``backend``: ``ort`` (ONNX Runtime; ``provider`` cpu | cuda | tensorrt) or ``trt``
     (TensorRT engines built by ``llama-export trt``). ``verify=False`` skips hashing the weights
     (faster start; the manifest and file presence are still checked). ``spin=False`` stops ONNX Runtime's
     worker threads busy-waiting between ops (faster when other processes share the cores).
+    ``graph`` (ONNX Runtime backend): ``auto`` (the variant's ONNX-Runtime graph on CPU when it
+    has one), ``standard`` or ``ort``.
     """
     bundle = Path(path)
     manifest = Manifest.load(bundle)
     name = variant or manifest.default_variant()
-    files = [*manifest.tokenizer.get("files", ["tokenizer.json"]), *manifest.files_of_variant(name)]
+    chosen: str | None = None
+    if backend == "ort":
+        from llama_export.runtime.backends.ort import select_graph
+
+        chosen = select_graph(manifest, name, provider, graph)
+    files = [*manifest.tokenizer.get("files", ["tokenizer.json"]),
+             *manifest.files_of_variant(name, chosen)]
     if verify:
         manifest.verify_files(bundle, only=files)
     else:
@@ -146,7 +154,7 @@ def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backen
     if backend == "ort":
         from llama_export.runtime.backends.ort import OrtBackend, OrtOptions
 
-        opts = OrtOptions(provider=provider, threads=threads, spin=spin)
+        opts = OrtOptions(provider=provider, threads=threads, spin=spin, graph=graph)
         return Model(bundle, manifest, OrtBackend(bundle, manifest, name, opts), tokenizer)
     return Model(bundle, manifest, _open_backend(bundle, manifest, name, backend), tokenizer)
 

@@ -17,11 +17,15 @@ _BACKEND_HELP = "ort: ONNX Runtime (--provider picks its device); trt: built Ten
 
 
 def _load(bundle: str, variant: str | None, backend: str, provider: str, threads: int | None,
-          spin: bool) -> Any:
+          spin: bool, graph: str = "auto") -> Any:
     from llama_export.runtime.bundle import load_bundle
 
     return load_bundle(bundle, variant=variant, backend=backend, provider=provider,
-                       threads=threads, spin=spin)
+                       threads=threads, spin=spin, graph=graph)
+
+
+_GRAPH_HELP = ("ONNX Runtime graph: auto = the ONNX-Runtime-optimized graph on CPU when the "
+               "variant has one, else the standard graph.")
 
 
 _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle machine; "
@@ -46,16 +50,18 @@ _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle mac
 @click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True)
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
+@click.option("--graph", type=click.Choice(["auto", "standard", "ort"]), default="auto",
+              show_default=True, help=_GRAPH_HELP)
 def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str | None,
              variant: str | None, backend: str, provider: str, threads: int | None, spin: bool,
-             **sampling: Any) -> None:
+             graph: str, **sampling: Any) -> None:
     """Generate text from BUNDLE, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise InputError("pass exactly one of --prompt TEXT or --chat TEXT")
     if system and chat_text is None:
         raise InputError("--system needs --chat: pass the user message with --chat")
     sampling["stop"] = tuple(sampling["stop"])
-    with _load(bundle, variant, backend, provider, threads, spin) as model:
+    with _load(bundle, variant, backend, provider, threads, spin, graph) as model:
         if chat_text is not None:
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": chat_text})
@@ -82,16 +88,22 @@ def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str
               show_default=True, help="Also run the PyTorch original in the same run.")
 @click.option("--source", help="Model source for the baseline (default: the manifest's).")
 @click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
+@click.option("--graph", type=click.Choice(["auto", "standard", "ort", "both"]), default="auto",
+              show_default=True, help=_GRAPH_HELP + " both: measure the two, interleaved.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, threads: int | None,
           variant: str | None, backend: str, provider: str, baseline: str, source: str | None,
-          spin: bool, as_json: bool) -> None:
+          spin: bool, graph: str, as_json: bool) -> None:
     """Benchmark prefill/decode speed of BUNDLE (medians; progress on stderr)."""
     from llama_export.runtime import bench as b
 
     opts = b.BenchOptions(prompt_len=prompt_len, gen_len=gen_len, batch=batch, runs=runs)
-    with _load(bundle, variant, backend, provider, threads, spin) as model:
-        runners = {"ours": b.ours_runner(model, opts)}
+    with _load(bundle, variant, backend, provider, threads, spin,
+               "ort" if graph == "both" else graph) as model:
+        runners = {b.ours_label(model): b.ours_runner(model, opts)}
+        if graph == "both":
+            standard = _load(bundle, variant, backend, provider, threads, spin, "standard")
+            runners[b.ours_label(standard)] = b.ours_runner(standard, opts)
         if baseline == "torch":
             src = source if source is not None else b.reference_source(model)
             prompt = b.synthetic_prompt(model, prompt_len)

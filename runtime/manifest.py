@@ -12,11 +12,17 @@ Layout (``format_version`` 1)::
                     tie_word_embeddings, attention_bias, mlp_bias, name},
       "dims":      {"batch": {min, opt, max}, "seq": ..., "past": ..., "total": ...},
       "tokenizer": {files, bos_token_id, eos_token_ids, pad_token_id, add_bos_token, chat_template},
-      "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, ...}, ...},
+      "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, parity,
+                             ort_graph: {file, contrib_ops, kv_buffer, rope_positions, parity}},
+                    ...},
       "engines":   [ {path, precision, variant, tensorrt_version, gpu, compute_capability, ...} ],
       "provenance": {source, source_sha256, tool_version, opset, torch_version, ...},
       "files":     {"model.onnx": "<sha256>", ...}
     }
+
+A variant's ``file`` is its *standard* graph (plain ONNX ops: TensorRT, any ONNX consumer). Its
+optional ``ort_graph`` is the same model as an ONNX-Runtime-optimized graph (contrib ops) with
+the same IO, sharing the variant's ``data_file``; old readers simply ignore it.
 
 IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_values.{i}.key``,
 ``present.{i}.value``) expanded per layer by :func:`expand_io`. Dims are named (``batch``,
@@ -46,6 +52,7 @@ PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
 
 _REQUIRED = ("model", "dims", "tokenizer", "variants", "files")
+GRAPHS = ("standard", "ort")
 
 
 @dataclass(frozen=True)
@@ -220,9 +227,32 @@ class Manifest:
                     "copy): copy the bundle again or re-export it"
                 )
 
-    def files_of_variant(self, name: str) -> list[str]:
-        v = self.variant(name)
-        return [f for f in (v.get("file"), v.get("data_file")) if f]
+    def graph(self, variant: str, graph: str = "standard") -> dict[str, Any]:
+        """The variant entry with ``file`` (and ``data_file``) of ``graph``: standard | ort."""
+        v = self.variant(variant)
+        if graph == "standard":
+            return v
+        if graph != "ort":
+            raise BundleError(f"graph {graph!r} is unknown: use one of {', '.join(GRAPHS)}")
+        g = v.get("ort_graph")
+        if not g:
+            raise BundleError(
+                f"variant '{variant}' has no ONNX Runtime graph: re-export it with "
+                "`llama-export onnx` (without --no-ort-graph), or use the standard graph "
+                "(--graph standard)")
+        return {**v, **g}
+
+    def graphs(self, variant: str) -> list[str]:
+        """The graphs a variant has, standard first."""
+        return ["standard", *(["ort"] if self.variant(variant).get("ort_graph") else [])]
+
+    def files_of_variant(self, name: str, graph: str | None = None) -> list[str]:
+        """Files of one graph of a variant, or of all its graphs (``graph=None``)."""
+        out: list[str] = []
+        for g in self.graphs(name) if graph is None else [graph]:
+            spec = self.graph(name, g)
+            out += [f for f in (spec.get("file"), spec.get("data_file")) if f and f not in out]
+        return out
 
     # ---- writing -----------------------------------------------------------------------------
     def record_file(self, bundle: str | os.PathLike[str], rel: str) -> None:

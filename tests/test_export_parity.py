@@ -3,7 +3,8 @@
 Each variant: batch 2 with the second prompt left-padded, prefill + 6 decode steps through the
 graph's KV cache, compared with a cache-free transformers recompute. Stated tolerances:
 fp32 max-abs logits error <= 1e-4; fp16 max-abs error <= 1e-2 + 5e-3 * max|ref logits|, greedy
-agreement >= 90 %, and no NaN/Inf.
+agreement >= 90 %, and no NaN/Inf. Both graphs of each variant are held to the same tolerances:
+the standard graph (plain ONNX ops, for TensorRT) and the ONNX-Runtime graph (contrib ops).
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ def variant_source(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
                               variant=request.param, seed=1)
 
 
-def test_fp32_parity(variant_source: Path, tmp_path: Path) -> None:
+GRAPHS = ("standard", "ort")
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_fp32_parity(variant_source: Path, tmp_path: Path, graph: str) -> None:
     bundle = export_bundle(variant_source, tmp_path / "b", ExportOptions(verify=False),
                            progress=lambda _: None)
-    report = verify_bundle(bundle, variant_source, steps=6)
+    report = verify_bundle(bundle, variant_source, steps=6, graph=graph)
+    assert report.graph == graph
     assert report.max_abs_err <= 1e-4, report.summary()
     assert report.greedy_agreement == 1.0
     assert report.decode_steps >= 4 and report.positions > 10
@@ -48,10 +54,11 @@ def test_fp16_parity(variant_source: Path, tmp_path: Path) -> None:
     assert softmax_in, "no Softmax in graph"
     # softmax runs on fp32 data: its input comes from a path that starts at a Cast-to-float
     assert casts_to_fp32, "fp16 graph has no Cast to float32 (norms/softmax must run in fp32)"
-    report = verify_bundle(bundle, variant_source, steps=6)
-    assert np.isfinite(report.max_abs_err)
-    assert report.max_abs_err <= report.tolerance, report.summary()
-    assert report.greedy_agreement >= 0.9
+    for g in GRAPHS:
+        report = verify_bundle(bundle, variant_source, steps=6, graph=g)
+        assert np.isfinite(report.max_abs_err)
+        assert report.max_abs_err <= report.tolerance, report.summary()
+        assert report.greedy_agreement >= 0.9
 
 
 def test_last_logits_only_matches(tiny_source: Path, tmp_path: Path) -> None:
@@ -74,12 +81,49 @@ def test_manifest_contents(tiny_bundle: Path) -> None:
     sess_inputs = [i.name for i in onnx.load(str(tiny_bundle / "model.onnx")).graph.input]
     assert sess_inputs == names
     assert m.tokenizer["eos_token_ids"] == [257] and m.tokenizer["chat_template"]
-    assert m.data["variants"]["fp32"]["parity"]["passed"] is True
-    assert set(m.data["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
+    fp32 = m.data["variants"]["fp32"]
+    assert fp32["parity"]["passed"] is True and fp32["parity"]["graph"] == "standard"
+    assert fp32["ort_graph"]["parity"]["passed"] is True
+    assert fp32["ort_graph"]["parity"]["graph"] == "ort"
+    assert fp32["ort_graph"]["file"] == "model.ort.onnx" and fp32["data_file"] == "model.onnx.data"
+    assert set(m.data["files"]) == {"model.onnx", "model.ort.onnx", "model.onnx.data",
+                                    "tokenizer.json", "tokenizer_config.json"}
+    ort_inputs = [i.name for i in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.input]
+    assert ort_inputs == names  # the same IO contract as the standard graph
+    ops = {n.op_type for n in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    assert "Softmax" not in ops
     # readable projection weight names for calibration and humans
     inits = {t.name for t in onnx.load(str(tiny_bundle / "model.onnx")).graph.initializer}
     assert "model.layers.0.self_attn.q_proj.weight_t" in inits
     assert "lm_head.weight_t" in inits
+
+
+def test_graphs_share_one_weights_file(tiny_bundle: Path) -> None:
+    """Weights both graphs hold are stored once: the data file is far smaller than the two
+    graphs' tensors together, and each standard-graph weight has the same bytes in both."""
+    from onnx import numpy_helper
+
+    std = onnx.load(str(tiny_bundle / "model.onnx"))
+    ort_g = onnx.load(str(tiny_bundle / "model.ort.onnx"))
+    total = sum(numpy_helper.to_array(t).nbytes for g in (std, ort_g) for t in g.graph.initializer)
+    data = (tiny_bundle / "model.onnx.data").stat().st_size
+    assert data < 0.75 * total
+    a = {t.name: numpy_helper.to_array(t) for t in std.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in ort_g.graph.initializer}
+    shared = set(a) & set(b)
+    assert "model.layers.0.mlp.down_proj.weight_t" in shared
+    assert "model.layers.0.self_attn.qkv_proj.weight_t" in b  # packed q|k|v
+    for name in shared:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_no_ort_graph_option(tiny_source: Path, tmp_path: Path) -> None:
+    bundle = export_bundle(tiny_source, tmp_path / "b", ExportOptions(ort_graph=False),
+                           progress=lambda _: None)
+    m = Manifest.load(bundle)
+    assert "ort_graph" not in m.variant("fp32") and m.graphs("fp32") == ["standard"]
+    assert set(m.data["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
 
 
 def test_bundle_loads_from_other_cwd(tiny_bundle: Path, tmp_path: Path,
@@ -87,8 +131,9 @@ def test_bundle_loads_from_other_cwd(tiny_bundle: Path, tmp_path: Path,
     import onnxruntime as ort
 
     monkeypatch.chdir(tmp_path)
-    sess = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert sess.get_inputs()[0].name == "input_ids"
+    for file in ("model.onnx", "model.ort.onnx"):  # external data found relative to the graph
+        sess = ort.InferenceSession(str(tiny_bundle / file), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].name == "input_ids"
 
 
 def test_sharded_safetensors_folder(tmp_path: Path) -> None:

@@ -40,22 +40,35 @@ def test_unknown_manifest_version(bundle_copy: Path) -> None:
     assert "upgrade llama-export or re-export the bundle" in str(err.value)
 
 
-def test_missing_model_file(bundle_copy: Path) -> None:
-    (bundle_copy / "model.onnx").unlink()
+# The file each graph runs: only the chosen graph's files are checked (and needed).
+GRAPH_FILES = [("auto", "model.ort.onnx"), ("standard", "model.onnx"),
+               ("auto", "model.onnx.data"), ("standard", "model.onnx.data")]
+
+
+@pytest.mark.parametrize(("graph", "file"), GRAPH_FILES)
+def test_missing_model_file(bundle_copy: Path, graph: str, file: str) -> None:
+    (bundle_copy / file).unlink()
     with pytest.raises(BundleError) as err:
-        load_bundle(bundle_copy)
-    assert "model.onnx is missing from the bundle: re-export or copy it again" in _one_line(err)
+        load_bundle(bundle_copy, graph=graph)
+    assert f"{file} is missing from the bundle: re-export or copy it again" in _one_line(err)
 
 
-def test_altered_file_fails_sha256(bundle_copy: Path) -> None:
-    with open(bundle_copy / "model.onnx", "ab") as f:
+@pytest.mark.parametrize(("graph", "file"), GRAPH_FILES[:2])
+def test_altered_file_fails_sha256(bundle_copy: Path, graph: str, file: str) -> None:
+    with open(bundle_copy / file, "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError) as err:
-        load_bundle(bundle_copy)
+        load_bundle(bundle_copy, graph=graph)
     assert "does not match its sha256" in _one_line(err)
     with pytest.raises(BundleError) as err:  # skipping the hash still fails cleanly
-        load_bundle(bundle_copy, verify=False)
+        load_bundle(bundle_copy, verify=False, graph=graph)
     assert "ONNX Runtime cannot load" in _one_line(err)
+
+
+def test_standard_graph_runs_without_the_ort_graph(bundle_copy: Path) -> None:
+    (bundle_copy / "model.ort.onnx").unlink()  # e.g. a TensorRT-only copy of the bundle
+    with load_bundle(bundle_copy, graph="standard") as model:
+        assert model.generate("hi", max_new_tokens=3).tokens
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
@@ -149,7 +162,17 @@ def test_cli_bench_json(tiny_bundle: Path) -> None:
                           str(tiny_bundle), "--prompt-len", "8", "--gen-len", "8", "--runs", "1",
                           "--json"], capture_output=True, text=True, check=True, timeout=120)
     result = json.loads(out.stdout)["results"][0]
-    assert result["name"] == "ours"
+    assert result["name"] == "ours:ort"  # the graph ONNX Runtime ran
     assert result["decode_tok_s"] > 0
     assert 0 <= result["outside_share"] <= 1
-    assert "[bench] ours run 1/1" in out.stderr  # progress while it runs
+    assert "[bench] ours:ort run 1/1" in out.stderr  # progress while it runs
+
+
+def test_cli_bench_both_graphs_table(tiny_bundle: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "llama_export.runtime.cli", "bench",
+                          str(tiny_bundle), "--prompt-len", "8", "--gen-len", "8", "--runs", "1",
+                          "--graph", "both"], capture_output=True, text=True, check=True,
+                         timeout=120)
+    rows = [line.split()[0] for line in out.stdout.splitlines()[1:3]]
+    assert rows == ["ours:ort", "ours:standard"]
+    assert "ours:ort / ours:standard: prefill" in out.stdout

@@ -5,6 +5,9 @@ position is compared). Tolerance, stated: tokens must be identical, except that 
 accepted where the reference's top-2 logits are within ``TIE`` of each other (an fp32 near-tie
 that either engine may break either way); from there on the sequences legitimately differ, and
 at least ``MIN_AGREE`` of the tokens must have matched before it.
+
+Every check runs on both graphs of the bundle: the ONNX-Runtime graph (the runtime's default on
+CPU, KV cache in shared in-place buffers) and the standard graph (growing OrtValue cache).
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ TIE = 1e-3  # 20x the worst fp32 logit error the exporter measures on SmolLM2 (~
 MIN_AGREE = 32
 
 
+_HF_CACHE: dict[tuple[int, tuple[tuple[int, ...], ...]], tuple[list[list[int]], Any]] = {}
+
+
 def hf_greedy(ref: Any, prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], Any]:
+    """transformers' greedy tokens and logits (memoized: both graphs compare against one run)."""
+    key = (id(ref), tuple(tuple(p) for p in prompts))
+    if key not in _HF_CACHE:
+        _HF_CACHE[key] = _hf_greedy(ref, prompts, pad_id)
+    return _HF_CACHE[key]
+
+
+def _hf_greedy(ref: Any, prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], Any]:
     import torch
 
     ids, mask = left_pad(prompts, pad_id)
@@ -76,22 +90,33 @@ def _one_torch_thread() -> Any:
 
 
 # ---- tiny fixtures ---------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["gqa", "llama3_rope"])
+_TINY: dict[str, tuple[Path, Any]] = {}
+
+
+@pytest.fixture(scope="module", params=[("gqa", "ort"), ("gqa", "standard"),
+                                        ("llama3_rope", "ort"), ("llama3_rope", "standard")],
+                ids="-".join)
 def tiny_pair(request: pytest.FixtureRequest, tiny_source: Path, tiny_bundle: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Any:
     from llama_export.exporter.export import ExportOptions, export_bundle
     from llama_export.exporter.reference import load_reference
     from llama_export.exporter.testing import make_tiny_hf_model
 
-    if request.param == "gqa":
-        src, bundle = tiny_source, tiny_bundle
-    else:
-        root = tmp_path_factory.mktemp(request.param)
-        src = make_tiny_hf_model(root / "hf", variant=request.param, seed=1)
-        bundle = export_bundle(src, root / "bundle", ExportOptions(max_seq_len=128, verify=False),
-                               progress=lambda _: None)
-    with load_bundle(bundle) as model:
-        yield model, load_reference(src)
+    variant, graph = request.param
+    if variant not in _TINY:
+        if variant == "gqa":
+            src, bundle = tiny_source, tiny_bundle
+        else:
+            root = tmp_path_factory.mktemp(variant)
+            src = make_tiny_hf_model(root / "hf", variant=variant, seed=1)
+            bundle = export_bundle(src, root / "bundle",
+                                   ExportOptions(max_seq_len=128, verify=False),
+                                   progress=lambda _: None)
+        _TINY[variant] = (bundle, load_reference(src))
+    bundle, ref = _TINY[variant]
+    with load_bundle(bundle, graph=graph) as model:
+        assert model.backend.graph == graph
+        yield model, ref
 
 
 def test_tiny_greedy_single_prompts(tiny_pair: Any) -> None:
@@ -117,9 +142,9 @@ def test_tiny_greedy_batch_of_three_lengths(tiny_pair: Any) -> None:
 
 
 # ---- SmolLM2-135M-Instruct -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2(smollm2_bundle: Path) -> Any:
-    with load_bundle(smollm2_bundle, verify=False) as model:  # the fixture just wrote it
+@pytest.fixture(scope="module", params=["ort", "standard"])
+def smollm2(smollm2_bundle: Path, request: pytest.FixtureRequest) -> Any:
+    with load_bundle(smollm2_bundle, verify=False, graph=request.param) as model:  # just written
         yield model
 
 

@@ -27,9 +27,9 @@ def test_gguf_weights_equal_transformers_gguf_loading(smollm2_gguf: Path,
         assert torch.equal(tensor, theirs[name].float()), name
 
 
-def _greedy_ours(bundle: Path, ids: list[int], eos: set[int]) -> list[int]:
+def _greedy_ours(bundle: Path, ids: list[int], eos: set[int], graph: str) -> list[int]:
     m = Manifest.load(bundle)
-    step = _OrtStepper(bundle, m, "fp32")
+    step = _OrtStepper(bundle, m, "fp32", graph)
     cur = np.array([ids], dtype=np.int64)
     mask = np.ones_like(cur)
     out: list[int] = []
@@ -53,14 +53,15 @@ def test_greedy_tokens_equal_transformers(smollm2_bundle: Path, smollm2_referenc
     eos = set(m.tokenizer["eos_token_ids"])
     for prompt in PROMPTS:
         ids = tok.encode(prompt).ids
-        ours = _greedy_ours(smollm2_bundle, ids, eos)
         with torch.no_grad():
             gen = smollm2_reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
                                              do_sample=False, eos_token_id=sorted(eos),
                                              pad_token_id=m.tokenizer["pad_token_id"])
         theirs = gen[0, len(ids):].tolist()
-        assert ours == theirs, (prompt, tok.decode(ours), tok.decode(theirs))
-        assert len(ours) == NEW_TOKENS or ours[-1] in eos
+        for graph in ("standard", "ort"):
+            ours = _greedy_ours(smollm2_bundle, ids, eos, graph)
+            assert ours == theirs, (graph, prompt, tok.decode(ours), tok.decode(theirs))
+            assert len(ours) == NEW_TOKENS or ours[-1] in eos
 
 
 def test_bundle_tokenizer_matches_transformers(smollm2_gguf: Path, smollm2_bundle: Path) -> None:

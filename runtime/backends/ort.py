@@ -1,9 +1,12 @@
 """ONNX Runtime backend (Polygraphy's ONNX Runtime runner, plus a KV cache kept in OrtValues).
 
-The KV cache never goes through numpy: each step binds the previous step's ``present.*``
-OrtValues as this step's ``past_key_values.*`` inputs (IO binding) and lets ONNX Runtime
-allocate the new ``present.*`` on the provider's device. Only the last-position logits come
-back to the host.
+The KV cache never goes through numpy. With the variant's ONNX-Runtime graph (``ort_graph``,
+``kv_buffer: shared``; the default on CPU) each layer's past and present are *one* buffer of the
+cache's capacity, bound once per cache: GroupQueryAttention writes the new K/V in place, so a
+step copies no cache at all. With the standard graph each step binds the previous step's
+``present.*`` OrtValues as this step's ``past_key_values.*`` inputs and lets ONNX Runtime
+allocate the new ``present.*`` (past + new) on the provider's device. Only the last-position
+logits come back to the host.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from llama_export.runtime.manifest import Manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
+GRAPH_CHOICES = ("auto", "standard", "ort")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -43,19 +47,37 @@ class OrtOptions:
     device_id: int = 0
     trt_cache_dir: str | None = None  # TensorRT EP engine cache (default: BUNDLE/engines/ort-trt)
     extra_provider_options: dict[str, str] = field(default_factory=dict)
+    # auto: the ONNX-Runtime graph on CPU when the variant has one, else the standard graph.
+    graph: str = "auto"
+
+
+def select_graph(manifest: Manifest, variant: str, provider: str, graph: str = "auto") -> str:
+    """Which of the variant's graphs to run: ``standard`` or ``ort``.
+
+    ``auto`` takes the ONNX-Runtime graph on the CPU provider (measured faster there; its
+    GroupQueryAttention has CUDA kernels for fp16 only, and the TensorRT provider cannot take
+    contrib ops at all), the standard graph otherwise.
+    """
+    if graph not in GRAPH_CHOICES:
+        raise InputError(f"--graph {graph} is unknown: use one of {', '.join(GRAPH_CHOICES)}")
+    if graph == "auto":
+        return "ort" if provider == "cpu" and "ort" in manifest.graphs(variant) else "standard"
+    manifest.graph(variant, graph)  # a clear error when the variant lacks it
+    return graph
 
 
 class OrtKVCache(KVCache):
     """Per-layer past K/V as OrtValues, in the graph's input order."""
 
-    def __init__(self, batch_size: int, capacity: int, empty: list[Any]) -> None:
+    def __init__(self, batch_size: int, capacity: int, empty: list[Any], shared: bool) -> None:
         super().__init__(batch_size, capacity)
         self._empty = empty
+        self.shared = shared  # values are capacity-sized buffers, bound as past AND present
         self.values: list[Any] = list(empty)
 
     def reset(self) -> None:
         super().reset()
-        self.values = list(self._empty)
+        self.values = list(self._empty)  # shared: the same buffers, overwritten from slot 0
 
 
 class OrtBackend(Backend):
@@ -67,8 +89,10 @@ class OrtBackend(Backend):
             raise MissingDependencyError("the ONNX Runtime backend", "ort") from None
         self.manifest, self.variant = manifest, variant
         self.options = opts = options or OrtOptions()
-        spec = manifest.variant(variant)
+        self.graph = select_graph(manifest, variant, opts.provider, opts.graph)
+        spec = manifest.graph(variant, self.graph)
         self.logits_mode: str = spec.get("logits", "all")
+        self._shared_kv = spec.get("kv_buffer") == "shared"
         self._past_names = [s.name for s in manifest.inputs(variant) if s.name.startswith("past_")]
         self._present_names = [s.name for s in manifest.outputs(variant)
                                if s.name.startswith("present.")]
@@ -86,6 +110,7 @@ class OrtBackend(Backend):
         self._io = ort.capi._pybind_state.SessionIOBinding(self.session._sess)
         self._c_cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._c_device = ort.OrtDevice.make(self._device, opts.device_id)._get_c_device()
+        self._bound: OrtKVCache | None = None  # the shared cache whose buffers are bound now
         self.engine_seconds = 0.0  # time inside run_with_iobinding, for the bench's overhead share
 
     def close(self) -> None:
@@ -93,34 +118,66 @@ class OrtBackend(Backend):
         self.__dict__.pop("_io", None)
 
     def _new_cache_impl(self, batch_size: int, capacity: int) -> OrtKVCache:
-        m = self.manifest
+        m, ov, dev = self.manifest, self._ort.OrtValue, (self._device, self.options.device_id)
+        if self._shared_kv:  # one capacity-sized buffer per past/present pair
+            shape = [batch_size, m.num_kv_heads, capacity, m.head_dim]
+            bufs = [ov.ortvalue_from_shape_and_type(shape, self._kv_dtype, *dev)._ortvalue
+                    for _ in self._past_names]
+            return OrtKVCache(batch_size, capacity, bufs, shared=True)
         empty = np.zeros((batch_size, m.num_kv_heads, 0, m.head_dim), dtype=self._kv_dtype)
-        value = self._ort.OrtValue.ortvalue_from_numpy(empty, self._device, self.options.device_id)
-        return OrtKVCache(batch_size, capacity, [value._ortvalue] * len(self._past_names))
+        value = ov.ortvalue_from_numpy(empty, *dev)
+        return OrtKVCache(batch_size, capacity, [value._ortvalue] * len(self._past_names),
+                          shared=False)
 
     def _forward_impl(self, input_ids: np.ndarray, position_ids: np.ndarray,
                       attention_mask: np.ndarray, cache: KVCache) -> np.ndarray:
         assert isinstance(cache, OrtKVCache), "cache from another backend"  # programming error
+        batch, seq = input_ids.shape
+        if self.graph == "ort" and batch > 1 and seq > 1 and cache.length > 0:
+            # GroupQueryAttention takes several new tokens on top of a past only for batch 1
+            # (ONNX Runtime 1.32); a batched chunked prefill goes one token at a time.
+            c = np.ascontiguousarray
+            for t in range(seq):
+                logits = self._step(c(input_ids[:, t:t + 1]), c(position_ids[:, t:t + 1]),
+                                    c(attention_mask[:, :cache.length + t + 1]), cache)
+            return logits
+        return self._step(input_ids, position_ids, attention_mask, cache)
+
+    def _step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+              attention_mask: np.ndarray, cache: OrtKVCache) -> np.ndarray:
         # The C-level binding (what onnxruntime.IOBinding wraps): the Python wrapper's per-call
         # checks cost ~1 ms per step for 60 KV tensors, the C calls ~0.2 ms.
         io = self._io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        if not (cache.shared and cache is self._bound):
+            self._bind_cache(cache)
+        # Binding a name again replaces its value: per step only these change.
         io.bind_input("input_ids", input_ids)
         io.bind_input("position_ids", position_ids)
         io.bind_input("attention_mask", attention_mask)
-        for name, value in zip(self._past_names, cache.values, strict=True):
-            io.bind_ortvalue_input(name, value)
         io.bind_output("logits", self._c_cpu)
-        for name in self._present_names:
-            io.bind_output(name, self._c_device)
         t0 = time.perf_counter()
         self.session._sess.run_with_iobinding(io, None)
         self.engine_seconds += time.perf_counter() - t0
         outputs = io.get_outputs()
-        cache.values = [outputs[i] for i in range(1, len(outputs))]
+        if not cache.shared:
+            cache.values = [outputs[i] for i in range(1, len(outputs))]
         logits = outputs[0].numpy()
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
+
+    def _bind_cache(self, cache: OrtKVCache) -> None:
+        """Bind the cache's buffers: once per cache when shared, else every step."""
+        io = self._io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, value in zip(self._past_names, cache.values, strict=True):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", self._c_cpu)  # output 0; rebinding it later keeps its place
+        for name, value in zip(self._present_names, cache.values, strict=True):
+            if cache.shared:
+                io.bind_ortvalue_output(name, value)
+            else:
+                io.bind_output(name, self._c_device)
+        self._bound = cache if cache.shared else None
 
 
 def _session_options(ort: Any, opts: OrtOptions) -> Any:

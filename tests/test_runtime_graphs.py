@@ -1,0 +1,102 @@
+"""The runtime's two graphs of one variant: which one runs, and that they compute the same thing.
+
+The ONNX-Runtime graph keeps the KV cache in capacity-sized buffers bound as past AND present
+(GroupQueryAttention writes new K/V in place); the standard graph grows a new cache each step.
+Stated tolerance between the two: logits within 1e-4 max-abs (both fp32; measured ~1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from llama_export.runtime import load_bundle
+from llama_export.runtime.backends.ort import select_graph
+from llama_export.runtime.errors import BundleError, InputError
+from llama_export.runtime.generate import left_pad, positions_from_mask
+from llama_export.runtime.manifest import Manifest
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_bundle: Path) -> Any:
+    with load_bundle(tiny_bundle, graph="ort") as fast, \
+            load_bundle(tiny_bundle, graph="standard") as std:
+        yield fast, std
+
+
+def test_select_graph(tiny_bundle: Path, tmp_path: Path) -> None:
+    m = Manifest.load(tiny_bundle)
+    assert select_graph(m, "fp32", "cpu") == "ort"
+    assert select_graph(m, "fp32", "cuda") == "standard"      # GQA's CUDA kernels: fp16 only
+    assert select_graph(m, "fp32", "tensorrt") == "standard"  # the TensorRT EP takes no contrib ops
+    assert select_graph(m, "fp32", "cuda", "ort") == "ort"    # asked for explicitly
+    with pytest.raises(InputError, match="--graph fast is unknown: use one of auto, standard, ort"):
+        select_graph(m, "fp32", "cpu", "fast")
+    del m.data["variants"]["fp32"]["ort_graph"]
+    assert select_graph(m, "fp32", "cpu") == "standard"
+    with pytest.raises(BundleError, match=r"no ONNX Runtime graph: re-export .* \(--graph standard\)"):
+        select_graph(m, "fp32", "cpu", "ort")
+
+
+def test_default_is_ort_graph_with_shared_cache(pair: Any) -> None:
+    fast, std = pair
+    assert fast.backend.graph == "ort" and std.backend.graph == "standard"
+    cache = fast.backend.new_cache(2, 40)
+    assert cache.shared and not std.backend.new_cache(2, 40).shared
+    m = fast.manifest
+    assert cache.values[0].shape() == [2, m.num_kv_heads, 40, m.head_dim]
+
+
+def _run(model: Any, cache: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return model.backend.forward(ids, positions_from_mask(mask, ids.shape[1]), mask, cache)
+
+
+def test_graphs_agree_on_chunked_prefill_and_interleaved_caches(pair: Any) -> None:
+    """Left-padded batch, a 2-chunk prefill (seq > 1 with a past), decode steps, and two live
+    caches used in turns (the shared-buffer binding must follow the cache it is given)."""
+    fast, std = pair
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, 9).tolist(), rng.integers(0, 256, 5).tolist()]
+    ids, mask = left_pad(prompts, fast.tokenizer.pad_token_id)
+    other = rng.integers(0, 256, (1, 4))
+    feed_a, feed_b = rng.integers(0, 256, (3, 2, 1)), rng.integers(0, 256, (3, 1, 1))
+    results = []
+    for model in (fast, std):
+        a, b = model.backend.new_cache(2, 32), model.backend.new_cache(1, 32)
+        out = [_run(model, a, ids[:, :6], mask[:, :6]), _run(model, a, ids[:, 6:], mask),
+               _run(model, b, other, np.ones((1, 4), dtype=np.int64))]
+        mask_a = mask
+        for step in range(3):
+            mask_a = np.concatenate([mask_a, np.ones((2, 1), dtype=np.int64)], axis=1)
+            out.append(_run(model, a, feed_a[step], mask_a))
+            out.append(_run(model, b, feed_b[step], np.ones((1, b.length + 1), dtype=np.int64)))
+        results.append(out)
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_cache_reuse_after_reset_is_clean(pair: Any) -> None:
+    """A reset shared cache is overwritten from slot 0: stale K/V from a longer earlier
+    sequence never leaks into the next one."""
+    fast, _ = pair
+    ids_long = np.arange(1, 21, dtype=np.int64)[None]
+    ids_short = np.arange(30, 34, dtype=np.int64)[None]
+    cache = fast.backend.new_cache(1, 32)
+    _run(fast, cache, ids_long, np.ones((1, 20), dtype=np.int64))
+    cache.reset()
+    reused = _run(fast, cache, ids_short, np.ones((1, 4), dtype=np.int64))
+    fresh = _run(fast, fast.backend.new_cache(1, 32), ids_short, np.ones((1, 4), dtype=np.int64))
+    np.testing.assert_array_equal(reused, fresh)
+
+
+def test_generate_same_text_on_both_graphs(pair: Any) -> None:
+    fast, std = pair
+    prompts = ["hello there", "a much longer prompt to pad the others", "x"]
+    a = fast.generate_batch(prompts, max_new_tokens=24, eos_token_ids=())
+    b = std.generate_batch(prompts, max_new_tokens=24, eos_token_ids=())
+    assert [c.tokens for c in a] == [c.tokens for c in b]
