@@ -35,6 +35,22 @@ def load_fp32(bundle: Path) -> tuple[Manifest, onnx.ModelProto]:
     return manifest, onnx.load(str(path), load_external_data=True)
 
 
+def load_ort_graph(bundle: Path, manifest: Manifest) -> onnx.ModelProto | None:
+    """The fp32 variant's ONNX-Runtime graph (files checked by :func:`load_fp32`), or None."""
+    if "ort" not in manifest.graphs(SOURCE_VARIANT):
+        return None
+    path = bundle / manifest.graph(SOURCE_VARIANT, "ort")["file"]
+    return onnx.load(str(path), load_external_data=True)
+
+
+def ort_graph_entry(manifest: Manifest, file: str) -> dict[str, Any]:
+    """A quantized variant's ``ort_graph`` entry: the fp32 one's properties, its own file."""
+    src = manifest.graph(SOURCE_VARIANT, "ort")
+    return {**{k: v for k, v in manifest.variant(SOURCE_VARIANT)["ort_graph"].items()
+               if k not in ("file", "data_file", "parity")}, "file": file,
+            "source_file": src["file"]}
+
+
 def base_entry(manifest: Manifest, file: str, data_file: str | None, precision: str,
                scheme: str, opset: int) -> dict[str, Any]:
     """A variant entry with the fp32 variant's IO (quantization changes no graph IO)."""
@@ -49,24 +65,45 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.ModelProto,
-                  entry: dict[str, Any], extra: dict[str, str] | None = None) -> None:
-    """Save ``model`` as ``entry["file"]`` (+ text files ``extra``) and record the variant."""
+                  entry: dict[str, Any], extra: dict[str, str] | None = None,
+                  ort_model: onnx.ModelProto | None = None) -> None:
+    """Save ``model`` as ``entry["file"]`` (+ text files ``extra``, + ``ort_model`` as
+    ``entry["ort_graph"]["file"]``) and record the variant."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=bundle))
     try:
         data_file = save_model(model, tmp / entry["file"])
         entry["data_file"] = data_file
+        names = [n for n in (data_file, *(extra or {})) if n]
+        if ort_model is not None:
+            ort_entry = entry["ort_graph"]
+            ort_entry["data_file"] = save_model(ort_model, tmp / ort_entry["file"])
+            names += [n for n in (ort_entry["data_file"], ort_entry["file"]) if n]
         for rel, text in (extra or {}).items():
             (tmp / rel).write_text(text, encoding="utf-8")
-        names = [n for n in (data_file, *(extra or {}), entry["file"]) if n]
+        names.append(entry["file"])
         old = manifest.variants.get(name)
-        for rel in names:  # the graph last: it is what a reader opens first
+        for rel in names:  # the standard graph last: it is what a reader opens first
             os.replace(tmp / rel, bundle / rel)
-        if old and old.get("data_file") and old["data_file"] != data_file:
-            (bundle / old["data_file"]).unlink(missing_ok=True)
-            manifest.data["files"].pop(old["data_file"], None)
+        for stale in _stale_files(manifest, old, entry):
+            (bundle / stale).unlink(missing_ok=True)
+            manifest.data["files"].pop(stale, None)
         for rel in names:
             manifest.record_file(bundle, rel)
         manifest.data["variants"][name] = entry
         manifest.save(bundle)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stale_files(manifest: Manifest, old: dict[str, Any] | None,
+                 new: dict[str, Any]) -> list[str]:
+    """Files of the variant's previous version that the new version does not reuse."""
+    if not old:
+        return []
+
+    def files(v: dict[str, Any]) -> set[str]:
+        g = v.get("ort_graph") or {}
+        return {f for f in (v.get("file"), v.get("data_file"), g.get("file"), g.get("data_file"))
+                if f}
+
+    return sorted(files(old) - files(new))

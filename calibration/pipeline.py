@@ -22,7 +22,14 @@ from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.tokenizer import Tokenizer
 
 from .accuracy import Accuracy, Gate, compare, segment_logits
-from .bundle_io import base_entry, load_fp32, model_opset, write_variant
+from .bundle_io import (
+    base_entry,
+    load_fp32,
+    load_ort_graph,
+    model_opset,
+    ort_graph_entry,
+    write_variant,
+)
 from .collect import collect_stats
 from .data import BUILTIN_HELDOUT, TextSource, load_text, token_segments
 from .graph import GraphIndex, find_groups, find_projections
@@ -30,7 +37,7 @@ from .qdq import insert_w8a8
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
 from .trt_cache import DEFAULT_TRT_VERSION, format_cache
-from .weight_only import BLOCK_SIZES, eight_bit_labels, quantize_weight_only
+from .weight_only import BLOCK_SIZES, eight_bit_labels, packed_labels, quantize_weight_only
 
 KEEP_FLOAT_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
 CACHE_FILE = "model.int8.calib.cache"
@@ -277,14 +284,16 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         eight = [label for label in eight if not label.endswith("lm_head")]
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
                                        include_lm_head=opts.lm_head, int8_labels=eight)
-    acc = ev.score(model)
     name = "int4" if opts.bits == 4 else "int8wo"
-    log(f"{name}: {acc.line()}")
-    failures = opts.eval.gate.failures(acc)
-    if failures:
-        raise CalibrationError(
-            f"{name} variant fails the accuracy gate ({'; '.join(failures)}); nothing was "
-            "written. Try a smaller --block-size, --int8, or loosen --max-ppl-increase")
+    acc = gate_variant(name, ev, model, opts.eval.gate)
+    ort_model, ort_acc, ort_eight = None, None, []
+    fp32_ort = load_ort_graph(bundle, manifest)
+    if fp32_ort is not None:
+        # Same rules on the ONNX-Runtime graph; its packed q|k|v takes 8 bits if any part does.
+        ort_eight = packed_labels([p.label for p in find_projections(fp32_ort)], eight)
+        ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
+                                            include_lm_head=opts.lm_head, int8_labels=ort_eight)
+        ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts.eval.gate)
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))
     entry["quantization"] = {
@@ -296,5 +305,21 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                          "data_sha256": held_src.sha256,
                          "gate": {"max_ppl_increase": opts.eval.gate.max_ppl_increase,
                                   "min_top1": opts.eval.gate.min_top1}}
-    write_variant(bundle, manifest, name, model, entry)
+    if ort_model is not None and ort_acc is not None:
+        entry["ort_graph"] = {**ort_graph_entry(manifest, f"model.{name}.ort.onnx"),
+                              "eight_bit": ort_eight,
+                              "accuracy": {**ort_acc.to_dict(), "data": held_src.origin}}
+    write_variant(bundle, manifest, name, model, entry, ort_model=ort_model)
     return entry
+
+
+def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto, gate: Gate) -> Accuracy:
+    """Held-out accuracy of a weight-only graph; refuse (nothing written) when it fails."""
+    acc = ev.score(model)
+    log(f"{name}: {acc.line()}")
+    failures = gate.failures(acc)
+    if failures:
+        raise CalibrationError(
+            f"{name} variant fails the accuracy gate ({'; '.join(failures)}); nothing was "
+            "written. Try a smaller --block-size, --int8, or loosen --max-ppl-increase")
+    return acc

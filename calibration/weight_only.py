@@ -134,3 +134,16 @@ def eight_bit_labels(labels: Iterable[str]) -> list[str]:
     (a graph without them simply gets all-4-bit projections and a float lm_head).
     """
     return [label for label in labels if _EIGHT_BIT.search(label)]
+
+
+def packed_labels(labels: Iterable[str], chosen: Iterable[str]) -> list[str]:
+    """``chosen`` mapped onto a graph with packed projections: ``X.qkv_proj`` is chosen when
+    any of ``X.q_proj`` / ``X.k_proj`` / ``X.v_proj`` is (one weight, one bit width)."""
+    chosen = set(chosen)
+    out = []
+    for label in labels:
+        parts = [label.removesuffix("qkv_proj") + p for p in ("q_proj", "k_proj", "v_proj")] \
+            if label.endswith(".qkv_proj") else [label]
+        if any(p in chosen for p in parts):
+            out.append(label)
+    return out

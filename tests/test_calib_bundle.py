@@ -139,6 +139,33 @@ def test_int4_graph_blocked_dq_runs(int8_bundle: Path) -> None:
     assert np.isfinite(sess.run(["logits"], _feed(manifest, 5))[0]).all()
 
 
+def test_int4_ort_graph_quantized_like_the_standard_graph(int8_bundle: Path) -> None:
+    """The int4 variant's ONNX-Runtime graph: every projection behind a blocked DQ (the packed
+    q|k|v at 8 bits because v_proj is), contrib attention kept, and it computes what the
+    standard int4 graph computes up to q/k taking 8 bits (logits within 5 % of their range)."""
+    manifest = Manifest.load(int8_bundle)
+    entry = manifest.variant("int4")["ort_graph"]
+    assert entry["file"] == "model.int4.ort.onnx" and entry["kv_buffer"] == "shared"
+    assert entry["eight_bit"] == ["model.layers.0.self_attn.qkv_proj",
+                                  "model.layers.0.mlp.down_proj",
+                                  "model.layers.1.self_attn.qkv_proj",
+                                  "model.layers.1.mlp.down_proj", "lm_head"]
+    assert entry["accuracy"]["ppl_ratio"] > 0
+    model = onnx.load(str(int8_bundle / entry["file"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+    idx = GraphIndex(model)
+    plain = [n for n in model.graph.node if n.op_type == "MatMul" and idx.const_name(n.input[1])]
+    assert not plain  # no float weight left
+    assert ops.count("DequantizeLinear") == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
+    feed = _feed(manifest, 5)
+    got = ort.InferenceSession(str(int8_bundle / entry["file"]),
+                               providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    want = ort.InferenceSession(str(int8_bundle / "model.int4.onnx"),
+                                providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
+
+
 def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
     manifest = Manifest.load(int8_bundle)
     manifest.verify_files(int8_bundle)
@@ -160,8 +187,9 @@ def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
 def test_runtime_loads_quantized_variants(int8_bundle: Path) -> None:
     from llama_export.runtime.bundle import load_bundle
 
-    for variant in ("int8", "int4"):
-        with load_bundle(int8_bundle, variant=variant) as model:
+    for variant, graph in (("int8", "standard"), ("int4", "ort"), ("int4", "standard")):
+        with load_bundle(int8_bundle, variant=variant, graph=graph) as model:
+            assert model.backend.graph == graph
             out = model.generate("Hello", max_new_tokens=4, temperature=0.0)
             assert out.finish_reason is not None
             assert out.prompt_tokens > 0
