@@ -34,11 +34,14 @@ def test_export_over_2gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert v["data_file"] == "model.onnx.data"
     assert (bundle / "model.onnx.data").stat().st_size > 2 * 1024**3
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
+        "manifest.json", "model.onnx", "model.onnx.data", "model.ort.onnx", "tokenizer.json",
+        "tokenizer_config.json"]
     assert v["parity"]["passed"] and v["parity"]["max_abs_err"] <= 1e-4
+    assert v["ort_graph"]["parity"]["passed"] and v["ort_graph"]["parity"]["max_abs_err"] <= 1e-4
     m.verify_files(bundle)
     import onnxruntime as ort
 
     monkeypatch.chdir(tmp_path)  # external data resolves relative to the model, not the cwd
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert len(sess.get_outputs()) == 1 + 2 * BIG["num_hidden_layers"]
+    for file in ("model.onnx", "model.ort.onnx"):  # both read the one shared data file
+        sess = ort.InferenceSession(str(bundle / file), providers=["CPUExecutionProvider"])
+        assert len(sess.get_outputs()) == 1 + 2 * BIG["num_hidden_layers"]
