@@ -5,6 +5,11 @@ no Python ints derived from data, no ``if seq_len > 1`` branches, no registered 
 no in-place cache writes; RoPE as real cos/sin; GQA by reshape/expand with the cache at kv-head
 size; norms and softmax in fp32 even in an fp16 graph. Parameter names equal transformers'
 ``LlamaForCausalLM`` names, so a canonical state dict loads with ``strict=True``.
+
+``flavor="ort"`` traces the same weights into ONNX Runtime's contrib ops (packed QKV +
+GroupQueryAttention, residual adds fused into SkipSimplifiedLayerNormalization; see
+``ort_ops.py``). The layer loop is written for that fusion in both flavors: a layer's MLP output
+is added at the next norm (``RMSNorm.skip``), which is the same arithmetic as adding it at once.
 """
 
 from __future__ import annotations
