@@ -45,10 +45,9 @@ def load_ort_graph(bundle: Path, manifest: Manifest) -> onnx.ModelProto | None:
 
 def ort_graph_entry(manifest: Manifest, file: str) -> dict[str, Any]:
     """A quantized variant's ``ort_graph`` entry: the fp32 one's properties, its own file."""
-    src = manifest.graph(SOURCE_VARIANT, "ort")
-    return {**{k: v for k, v in manifest.variant(SOURCE_VARIANT)["ort_graph"].items()
-               if k not in ("file", "data_file", "parity")}, "file": file,
-            "source_file": src["file"]}
+    src = manifest.variant(SOURCE_VARIANT)["ort_graph"]
+    return {**{k: v for k, v in src.items() if k not in ("file", "data_file", "parity")},
+            "file": file, "source_file": src["file"]}
 
 
 def base_entry(manifest: Manifest, file: str, data_file: str | None, precision: str,
@@ -84,7 +83,7 @@ def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.Model
         old = manifest.variants.get(name)
         for rel in names:  # the standard graph last: it is what a reader opens first
             os.replace(tmp / rel, bundle / rel)
-        for stale in _stale_files(manifest, old, entry):
+        for stale in _stale_files(old, entry):
             (bundle / stale).unlink(missing_ok=True)
             manifest.data["files"].pop(stale, None)
         for rel in names:
@@ -95,8 +94,7 @@ def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.Model
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stale_files(manifest: Manifest, old: dict[str, Any] | None,
-                 new: dict[str, Any]) -> list[str]:
+def _stale_files(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     """Files of the variant's previous version that the new version does not reuse."""
     if not old:
         return []
