@@ -29,7 +29,7 @@ from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entrie
 
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
-from .ort_ops import MS_DOMAIN
+from .ort_ops import CONTRIB_OPS, MS_DOMAIN
 from .sources import Progress, Source, load_source
 
 TWO_GB = 2 * 1024**3
@@ -231,7 +231,5 @@ def ort_graph_entry(file: str) -> dict[str, Any]:
     slots``: RoPE uses slot indices, equal to the standard graph when ``position_ids`` follow
     the manifest's contract (``cumsum(attention_mask) - 1``); see ``ort_ops.py``.
     """
-    from .ort_ops import CONTRIB_OPS, MS_DOMAIN
-
     return {"file": file, "contrib_ops": [f"{MS_DOMAIN}.{op}" for op in CONTRIB_OPS],
             "kv_buffer": "shared", "rope_positions": "slots"}

@@ -60,11 +60,6 @@ def rename_matmul_weights(model: onnx.ModelProto) -> int:
     return len(renames)
 
 
-def tidy_onnx(src: Path, dst: Path, external_threshold: int) -> str | None:
-    """Rewrite ``src`` (+ its external data) as ``dst``; returns the data file name or None."""
-    return tidy_onnx_graphs([(src, dst)], external_threshold)
-
-
 def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int) -> str | None:
     """Tidy each ``(src, dst)``. One graph under ``external_threshold`` is saved inline (None is
     returned); otherwise all weights go into one shared ``<first dst>.data`` (its name returned).

@@ -115,8 +115,7 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few short sequences: one thread is faster than two that spin
     try:
-        report = _compare(ours, reference, bundle, manifest, variant, steps)
-        report.graph = graph
+        report = _compare(ours, reference, bundle, manifest, variant, graph, steps)
     finally:
         torch.set_num_threads(threads)
     progress("parity " + report.summary())
@@ -128,7 +127,7 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
 
 
 def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest, variant: str,
-             steps: int) -> ParityReport:
+             graph: str, steps: int) -> ParityReport:
     import torch
 
     precision = str(manifest.variant(variant).get("precision", variant))
@@ -162,5 +161,5 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
     agreement = float(np.concatenate(agree).mean())
     passed = bool(np.isfinite(err).all() and err.max() <= tol
                   and agreement >= MIN_GREEDY_AGREEMENT.get(precision, 0.9))
-    return ParityReport(variant, "standard", float(err.max()), float(err.mean()), ref_max, tol, agreement,
+    return ParityReport(variant, graph, float(err.max()), float(err.mean()), ref_max, tol, agreement,
                         int(err.size), steps, passed)

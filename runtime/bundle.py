@@ -154,7 +154,8 @@ def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backen
     if backend == "ort":
         from llama_export.runtime.backends.ort import OrtBackend, OrtOptions
 
-        opts = OrtOptions(provider=provider, threads=threads, spin=spin, graph=graph)
+        assert chosen is not None  # set above for this backend
+        opts = OrtOptions(provider=provider, threads=threads, spin=spin, graph=chosen)
         return Model(bundle, manifest, OrtBackend(bundle, manifest, name, opts), tokenizer)
     return Model(bundle, manifest, _open_backend(bundle, manifest, name, backend), tokenizer)
 

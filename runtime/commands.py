@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -98,11 +99,13 @@ def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, thr
     from llama_export.runtime import bench as b
 
     opts = b.BenchOptions(prompt_len=prompt_len, gen_len=gen_len, batch=batch, runs=runs)
-    with _load(bundle, variant, backend, provider, threads, spin,
-               "ort" if graph == "both" else graph) as model:
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(_load(bundle, variant, backend, provider, threads, spin,
+                                          "ort" if graph == "both" else graph))
         runners = {b.ours_label(model): b.ours_runner(model, opts)}
         if graph == "both":
-            standard = _load(bundle, variant, backend, provider, threads, spin, "standard")
+            standard = stack.enter_context(_load(bundle, variant, backend, provider, threads,
+                                                 spin, "standard"))
             runners[b.ours_label(standard)] = b.ours_runner(standard, opts)
         if baseline == "torch":
             src = source if source is not None else b.reference_source(model)
