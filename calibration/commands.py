@@ -36,11 +36,17 @@ def _print_report(name: str, entry: dict[str, Any]) -> None:
                f"({100 * (acc['ppl_ratio'] - 1):+.2f}%)")
     click.echo(f"  top-1 agreement {100 * acc['top1_agreement']:.1f}%  mean KL "
                f"{acc['mean_kl']:.4f}  ({acc['tokens']} held-out tokens, {acc['data']})")
+    ort = entry.get("ort_graph") or {}
+    if "accuracy" in ort:
+        a = ort["accuracy"]
+        click.echo(f"  ONNX-Runtime graph ({ort['file']}): perplexity "
+                   f"{100 * (a['ppl_ratio'] - 1):+.2f}%, top-1 agreement "
+                   f"{100 * a['top1_agreement']:.1f}%, mean KL {a['mean_kl']:.4f}")
     click.echo(f"  quantized projections {q['quantized']}; kept float: "
                f"{', '.join(q['excluded']) or 'none'}")
     if q.get("eight_bit"):
-        click.echo(f"  8-bit weights: {len(q['eight_bit'])} projections (v_proj, down_proj, "
-                   "lm_head)")
+        names = sorted({label.rsplit(".", 1)[-1] for label in q["eight_bit"]})
+        click.echo(f"  8-bit weights: {len(q['eight_bit'])} projections ({', '.join(names)})")
 
 
 _eval_options = [
@@ -111,17 +117,25 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
               show_default=True)
 @click.option("--lm-head/--no-lm-head", default=True, show_default=True,
               help="Quantize lm_head to 8 bits (a quarter of its fp32 read per token).")
-@click.option("--mixed/--no-mixed", default=True, show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["offset", "zero-point", "symmetric"]),
+              default="offset", show_default=True,
+              help="INT4 form: 'offset' (int4 + float offset per block; TensorRT-buildable, "
+                   "exact for GGUF Q4_1 weights), 'zero-point' (uint4 + zero-point; ONNX "
+                   "Runtime only), 'symmetric' (int4 only: smallest, least accurate).")
+@click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="INT4: lm_head width (8 keeps a GGUF Q8_0 embedding exact; 4 is smaller).")
+@click.option("--mixed/--no-mixed", default=False, show_default=True,
               help="INT4: keep v_proj/down_proj at 8 bits (llama.cpp Q4_K_M's reasoning).")
 @_with_eval
-def quantize(bundle: Path, bits: int, block_size: str, lm_head: bool, mixed: bool,
-             eval_data: Path | None, eval_samples: int, min_top1: float | None,
-             max_ppl_increase: float | None) -> None:
+def quantize(bundle: Path, bits: int, block_size: str, lm_head: bool, fmt: str,
+             lm_head_bits: str, mixed: bool, eval_data: Path | None, eval_samples: int,
+             min_top1: float | None, max_ppl_increase: float | None) -> None:
     """Write a weight-only INT4 / INT8 variant of BUNDLE (no calibration data needed)."""
     from .pipeline import QuantizeOptions
     from .pipeline import quantize as run
 
     opts = QuantizeOptions(bits=bits, block_size=int(block_size), lm_head=lm_head, mixed=mixed,
+                           fmt=fmt, lm_head_bits=int(lm_head_bits),
                            eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase,
                                       (0.08, 0.0)))
     entry = run(bundle, opts)

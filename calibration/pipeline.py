@@ -37,7 +37,13 @@ from .qdq import insert_w8a8
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
 from .trt_cache import DEFAULT_TRT_VERSION, format_cache
-from .weight_only import BLOCK_SIZES, eight_bit_labels, packed_labels, quantize_weight_only
+from .weight_only import (
+    BLOCK_SIZES,
+    FORMATS,
+    eight_bit_labels,
+    packed_labels,
+    quantize_weight_only,
+)
 
 KEEP_FLOAT_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
 CACHE_FILE = "model.int8.calib.cache"
@@ -262,7 +268,9 @@ class QuantizeOptions:
     bits: int = 4
     block_size: int = 32
     lm_head: bool = True     # 8-bit lm_head in a 4-bit variant (its weight-only 8-bit in int8wo)
-    mixed: bool = True       # v_proj / down_proj at 8 bits in a 4-bit variant
+    mixed: bool = False      # v_proj / down_proj at 8 bits in a 4-bit variant
+    fmt: str = "offset"      # INT4 format: weight_only.FORMATS
+    lm_head_bits: int = 8    # INT4: the quantized lm_head's width (4: smallest, least accurate)
     eval: EvalOptions = field(default_factory=lambda: EvalOptions(gate=Gate(0.08, 0.0)))
 
 
@@ -272,6 +280,10 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         raise InputError(f"{opts.bits}-bit weights are not supported: use --int4 or --int8")
     if opts.block_size not in BLOCK_SIZES:
         raise InputError(f"--block-size {opts.block_size} is not supported: use 32, 64 or 128")
+    if opts.lm_head_bits not in (4, 8):
+        raise InputError(f"--lm-head-bits {opts.lm_head_bits} is not supported: use 8 or 4")
+    if opts.fmt not in FORMATS:
+        raise InputError(f"--format {opts.fmt} is unknown: use {', '.join(FORMATS)}")
     manifest, fp32 = load_fp32(bundle)
     held, held_src = eval_segments(Tokenizer.from_bundle(bundle, manifest.tokenizer), opts.eval,
                                    None)
@@ -280,10 +292,11 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     eight = eight_bit_labels(labels) if opts.bits == 4 and opts.mixed else []
     if opts.bits == 4 and not opts.mixed and opts.lm_head:
         eight = [label for label in eight_bit_labels(labels) if label.endswith("lm_head")]
-    if not opts.lm_head:
+    if not opts.lm_head or opts.lm_head_bits == 4:
         eight = [label for label in eight if not label.endswith("lm_head")]
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
-                                       include_lm_head=opts.lm_head, int8_labels=eight)
+                                       include_lm_head=opts.lm_head, int8_labels=eight,
+                                       fmt=opts.fmt)
     name = "int4" if opts.bits == 4 else "int8wo"
     acc = gate_variant(name, ev, model, opts.eval.gate)
     ort_model, ort_acc, ort_eight = None, None, []
@@ -292,12 +305,13 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         # Same rules on the ONNX-Runtime graph; its packed q|k|v takes 8 bits if any part does.
         ort_eight = packed_labels([p.label for p in find_projections(fp32_ort)], eight)
         ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
-                                            include_lm_head=opts.lm_head, int8_labels=ort_eight)
+                                            include_lm_head=opts.lm_head, int8_labels=ort_eight,
+                                            fmt=opts.fmt, negative_scales=True)
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts.eval.gate)
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))
     entry["quantization"] = {
-        "weights": f"int{opts.bits} symmetric, blocks of {opts.block_size} along K",
+        "weights": _weights_text(opts), "format": opts.fmt if opts.bits == 4 else "symmetric",
         "activations": "float", "block_size": opts.block_size, "quantized": len(done),
         "eight_bit": eight, "excluded": sorted(set(labels) - set(done)),
         "projections": len(labels)}
@@ -313,6 +327,15 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     return entry
 
 
+def _weights_text(opts: QuantizeOptions) -> str:
+    blocks = f"blocks of {opts.block_size} along K"
+    if opts.bits == 8:
+        return f"int8 symmetric, {blocks}"
+    return {"offset": f"int4 (no zero-point) + a float offset per block: w = s*q + o, {blocks}",
+            "zero-point": f"uint4 with a uint4 zero-point per block, {blocks}",
+            "symmetric": f"int4 symmetric, {blocks}"}[opts.fmt]
+
+
 def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto, gate: Gate) -> Accuracy:
     """Held-out accuracy of a weight-only graph; refuse (nothing written) when it fails."""
     acc = ev.score(model)
@@ -321,5 +344,6 @@ def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto, gate: Gate) -
     if failures:
         raise CalibrationError(
             f"{name} variant fails the accuracy gate ({'; '.join(failures)}); nothing was "
-            "written. Try a smaller --block-size, --int8, or loosen --max-ppl-increase")
+            "written. Try --format offset (the most accurate INT4), a smaller --block-size, "
+            "--int8, or loosen --max-ppl-increase")
     return acc

@@ -3,6 +3,19 @@
 ``DequantizeLinear(W_q, scale, axis=0, block_size=B)`` (opset 21) with ``W_q`` int4/int8
 ``(K, N)`` and ``scale`` ``(ceil(K/B), N)``: TensorRT builds it as weight-only INT4/INT8 and
 ONNX Runtime CPU fuses it with the MatMul into ``MatMulNBits`` (shared/DESIGN.md §9).
+
+Three INT4 formats (``FORMATS``):
+
+* ``offset`` (default): ``w = s * q + o`` per block, ``q`` signed INT4 with no zero-point and a
+  float offset ``o`` per block and column, applied as ``(X @ P) @ O`` where ``P`` (K, K/B) sums
+  each block of ``X``. Asymmetric accuracy in a form TensorRT accepts (its DequantizeLayer
+  rejects non-zero zero-points), and exact for weights that came from a GGUF ``Q4_1`` file
+  (``d * q + m`` per block of 32): SmolLM2 +0.0 % perplexity instead of +22.6 % (zero-point).
+* ``zero-point``: UINT4 with a UINT4 zero-point per block, MatMulNBits' asymmetric form.
+  ONNX Runtime only (TensorRT rejects the zero-point).
+* ``symmetric``: INT4 alone, the smallest, fastest form (what onnxruntime-genai writes), the
+  least accurate. The ONNX-Runtime graph uses ONNX Runtime's rule (a block's extreme on -8,
+  negative scales allowed); the standard graph keeps scales positive for TensorRT.
 """
 
 from __future__ import annotations
@@ -13,9 +26,16 @@ from collections.abc import Container, Iterable
 
 import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import helper, version_converter
 
-from .graph import GraphIndex, find_projections, is_lm_head
+from .graph import (
+    GraphIndex,
+    Projection,
+    find_projections,
+    fresh_name,
+    is_lm_head,
+    set_initializer,
+)
 from .qdq import NodeInserter, prune_initializers, weight_dq
 
 BLOCK_OPSET = 21
@@ -77,6 +97,60 @@ def quantize_blocked_asym(w: np.ndarray, block: int,
     return q.astype(np.uint8), best_s[:, 0].astype(np.float32), best_z[:, 0].astype(np.uint8)
 
 
+OFFSET_LEVELS = (15, 14, 13, 12, 11, 10, 9, 8)
+
+
+def quantize_blocked_offset(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
+    """``w ≈ s * q + o`` per block along K: ``(q (K, N) int8 in -8..7, s (nb, N), o (nb, N))``.
+
+    Candidate steps ``(max - min) / L`` for ``L`` in :data:`OFFSET_LEVELS` with the grid
+    anchored at the block minimum; the least squared error wins. A block that uses ``L + 1``
+    levels of a 4-bit grid (a GGUF ``Q4_1`` block spanning levels 1..14, say) is reproduced
+    exactly. ``K`` must be a multiple of ``block``.
+    """
+    k, n = w.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of the block size {block}")
+    blocks = w.reshape(k // block, block, n).astype(np.float32)
+    lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    best = np.ones_like(lo)
+    for levels in OFFSET_LEVELS:
+        s = np.maximum((hi - lo) / levels, 1e-12)
+        r = np.clip(np.rint((blocks - lo) / s), 0, 15) * s + lo
+        err = ((r - blocks) ** 2).sum(axis=1, keepdims=True)
+        better = err < best_err
+        best_err, best = np.where(better, err, best_err), np.where(better, s, best)
+    q = np.clip(np.rint((blocks - lo) / best), 0, 15) - 8
+    offset = lo + 8 * best
+    return (q.reshape(k, n).astype(np.int8), best[:, 0].astype(np.float32),
+            offset[:, 0].astype(np.float32))
+
+
+def quantize_blocked_symmetric(w: np.ndarray, block: int,
+                               negative_scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 using the full -8..7 range: each block's extreme lands exactly on -8.
+
+    With ``negative_scales`` (ONNX Runtime's own rule, MatMulNBits accepts them) a positive
+    extreme takes a negative scale; without (TensorRT-safe), it lands on 7 instead.
+    Measured on SmolLM2, every projection and lm_head at 4 bits: +27.1 % perplexity with
+    negative scales, +40.6 % without, +45.6 % for ``max|w| / 7`` (:func:`quantize_blocked`).
+    """
+    k, n = w.shape
+    nb = -(-k // block)
+    pad = np.zeros((nb * block, n), dtype=np.float32)
+    pad[:k] = w
+    blocks = pad.reshape(nb, block, n)
+    ext = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0]
+    if negative_scales:
+        scale = np.where(ext == 0, 1e-12, ext / -8)                            # (nb, N)
+    else:
+        scale = np.maximum(np.where(ext < 0, -ext / 8, ext / 7), 1e-12)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7)
+    return q.reshape(nb * block, n)[:k].astype(np.int8), scale.astype(np.float32)
+
+
 def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.ModelProto:
     """Blocked DequantizeLinear needs opset 21; converts e.g. ReduceMean's axes to an input."""
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -87,27 +161,44 @@ def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.Mode
 
 #   W (K,N) fp32  ══►  W_q int4/int8 (K,N) ──► DequantizeLinear(scale (K/B,N), axis=0,
 #                                               block_size=B) ──► W_dq ──► MatMul(X, W_dq)
+FORMATS = ("offset", "zero-point", "symmetric")
+
+
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 32,
-                         include_lm_head: bool = False,
-                         int8_labels: Container[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
+                         include_lm_head: bool = False, int8_labels: Container[str] = (),
+                         fmt: str = "offset",
+                         negative_scales: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """Return the rewritten model (opset 21) and the labels of the quantized projections.
 
     ``int8_labels``: projections given 8-bit blocks in a 4-bit variant (see
-    :func:`eight_bit_labels`); an lm_head listed there is quantized too.
+    :func:`eight_bit_labels`); an lm_head listed there is quantized too. ``fmt``: the INT4
+    format (module docstring); ``offset`` falls back to ``symmetric`` for a projection whose
+    K is not a multiple of ``block``. ``negative_scales``: the symmetric format's ONNX Runtime
+    rule (:func:`quantize_blocked_symmetric`), for graphs TensorRT never reads.
     """
+    assert fmt in FORMATS, fmt
     model = upgrade_opset(model)
     idx = GraphIndex(model)
     ins = NodeInserter(model)
     done: list[str] = []
     projs = find_projections(model)
+    sums = BlockSums(model, idx, ins, block)
     for n, p in enumerate(projs):
         if is_lm_head(idx, p) and not (include_lm_head or p.label in int8_labels):
             continue
         w = idx.array(p.weight)
         if bits == 4 and p.label not in int8_labels:
-            q, scale, zp = quantize_blocked_asym(w, block)
-            out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4,
-                            zero_point=zp)
+            if fmt == "offset" and w.shape[0] % block == 0:
+                q, scale, offset = quantize_blocked_offset(w, block)
+                out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4)
+                sums.add_offset(idx.nodes[p.node], p, offset)
+            elif fmt == "zero-point":
+                q, scale, zp = quantize_blocked_asym(w, block)
+                out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4,
+                                zero_point=zp)
+            else:
+                q, scale = quantize_blocked_symmetric(w, block, negative_scales)
+                out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4)
         else:
             q, scale = quantize_blocked(w, 8, block)
             out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=8)
@@ -120,6 +211,49 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
     return model, done
 
 
+class BlockSums:
+    """The offset format's correction ``Y += (X @ P) @ O``: one block-sum ``X @ P`` per
+    activation (q/k/v and gate/up share theirs), one small MatMul + Add per projection.
+
+    ``P`` (K, K/B) is 0/1: MatMul keeps it rank-agnostic and TensorRT / ONNX Runtime run it as
+    a GEMM of 1/B the projection's size. ``O`` is ``(K/B, N)`` float (1 bit per weight in fp32).
+    """
+
+    def __init__(self, model: onnx.ModelProto, idx: GraphIndex, ins: NodeInserter,
+                 block: int) -> None:
+        self.model, self.idx, self.ins, self.block = model, idx, ins, block
+        self.sums: dict[str, str] = {}
+        self.indicators: dict[int, str] = {}
+
+    def _sum(self, x: str, k: int) -> str:
+        if x in self.sums:
+            return self.sums[x]
+        if k not in self.indicators:
+            p = np.repeat(np.eye(k // self.block, dtype=np.float32), self.block, axis=0)
+            name = fresh_name(self.model, f"block_sum.{k}x{k // self.block}")
+            set_initializer(self.model, name, p)
+            self.indicators[k] = name
+        out = fresh_name(self.model, x + ".block_sum")
+        producer = self.idx.producer.get(x)
+        self.ins.add(helper.make_node("MatMul", [x, self.indicators[k]], [out],
+                                      name=out + "_node"), after=producer and producer.name)
+        self.sums[x] = out
+        return out
+
+    def add_offset(self, node: onnx.NodeProto, p: Projection, offset: np.ndarray) -> None:
+        """Rewire ``node`` (the projection MatMul) to add ``block_sum(X) @ offset``."""
+        k = offset.shape[0] * self.block
+        o = fresh_name(self.model, p.weight + ".offset")
+        set_initializer(self.model, o, offset)
+        raw = fresh_name(self.model, p.output + ".no_offset")
+        corr = fresh_name(self.model, p.output + ".offset")
+        node.output[0] = raw
+        self.ins.add(helper.make_node("MatMul", [self._sum(p.input, k), o], [corr],
+                                      name=corr + "_node"), after=node.name)
+        self.ins.add(helper.make_node("Add", [raw, corr], [p.output], name=corr + "_add"),
+                     after=node.name)
+
+
 _EIGHT_BIT = re.compile(r"(?:^|\.)(?:v_proj|down_proj|lm_head)$")
 
 
@@ -129,7 +263,8 @@ def eight_bit_labels(labels: Iterable[str]) -> list[str]:
     llama.cpp's Q4_K_M gives ``attn_v`` / ``ffn_down`` more bits for the same reason: they are
     the most sensitive to weight rounding. Measured on SmolLM2 (built-in held-out text,
     blocks of 32): all-4-bit +14.3 % perplexity, llama.cpp's every-third-layer rule +10.1 %,
-    all v/down at 8 bits +7.2 %. ``lm_head`` at 8 bits changed perplexity by < 0.2 % while
+    all v/down at 8 bits +7.2 % (the zero-point format; the default offset format needs no
+    8-bit projection on this model: +0.2 %). ``lm_head`` at 8 bits changed perplexity by < 0.2 % while
     quartering its 113 MB read per token. Keyed on the exporter's readable weight names
     (a graph without them simply gets all-4-bit projections and a float lm_head).
     """

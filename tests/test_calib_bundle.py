@@ -115,6 +115,9 @@ def test_smoothquant_folding_keeps_fp32_outputs(tiny_bundle: Path) -> None:
 
 
 def test_int4_graph_blocked_dq_runs(int8_bundle: Path) -> None:
+    """Default INT4 (offset format): every projection behind a signed-INT4 blocked DQ with no
+    zero-point (TensorRT's rule), plus its per-block offset term ``(X @ P) @ O``; one block
+    sum per activation; lm_head at 8 bits."""
     model = _load(int8_bundle, "int4")
     onnx.checker.check_model(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -127,43 +130,92 @@ def test_int4_graph_blocked_dq_runs(int8_bundle: Path) -> None:
     for consumer, n in dqs.items():
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert attrs == {"axis": 0, "block_size": 32}
+        assert len(n.input) == 2  # no zero-point
         assert idx.nodes[consumer].op_type == "MatMul"
         types[consumer] = idx.inits[n.input[0]].data_type
     eight = {k for k, t in types.items() if t == onnx.TensorProto.INT8}
-    assert {k.split("/")[-2] for k in eight} == {"v_proj", "down_proj", "lm_head"}
-    assert all(t == onnx.TensorProto.UINT4 for k, t in types.items() if k not in eight)
-    assert all(len(dqs[k].input) == 3 for k in types if k not in eight)  # uint4 zero-point
+    assert {k.split("/")[-2] for k in eight} == {"lm_head"}
+    assert all(t == onnx.TensorProto.INT4 for k, t in types.items() if k not in eight)
+    sums = [n for n in model.graph.node if n.op_type == "MatMul" and "block_sum" in n.input[1]]
+    assert len(sums) == 2 * 4  # per layer: attention input, o_proj, gate/up, down_proj inputs
+    offsets = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in
+               {s.output[0] for s in sums}]
+    assert len(offsets) == 14
     manifest = Manifest.load(int8_bundle)
+    assert manifest.variant("int4")["quantization"]["format"] == "offset"
     sess = ort.InferenceSession(str(int8_bundle / "model.int4.onnx"),
                                 providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(["logits"], _feed(manifest, 5))[0]).all()
 
 
+def _snap_to_q4_1(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Projection weights put on a GGUF Q4_1 grid: ``d * q + m`` per block of 32 along K with
+    ``q`` in 1..14 (not the full range) and ``m / d`` not an integer."""
+    from llama_export.calibration.graph import set_initializer
+
+    model = copy.deepcopy(model)
+    idx = GraphIndex(model)
+    rng = np.random.default_rng(7)
+    for p in find_projections(model):
+        k, n = idx.array(p.weight).shape
+        d = rng.uniform(0.01, 0.05, size=(k // 32, 1, n)).astype(np.float32)
+        m = (-d * rng.uniform(3.3, 9.7, size=d.shape)).astype(np.float32)
+        q = rng.integers(1, 15, size=(k // 32, 32, n)).astype(np.float32)
+        set_initializer(model, p.weight, (d * q + m).reshape(k, n))
+    return model
+
+
+def test_offset_int4_reproduces_q4_1_weights_exactly(tiny_bundle: Path) -> None:
+    """The offset format represents GGUF Q4_1 blocks exactly (the zero-point format cannot:
+    its offset must be an integer number of steps). Unoptimized ONNX Runtime (plain DQ +
+    MatMul, no int8 activation kernel) must then give the fp32 logits."""
+    from llama_export.calibration.weight_only import quantize_weight_only
+
+    manifest = Manifest.load(tiny_bundle)
+    fp32 = _snap_to_q4_1(onnx.load(str(tiny_bundle / "model.onnx")))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = _feed(manifest, 7)
+
+    def logits(m: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(m.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        return np.asarray(sess.run(["logits"], feed)[0])
+
+    want = logits(fp32)
+    err = {}
+    for fmt in ("offset", "zero-point", "symmetric"):
+        q, done = quantize_weight_only(fp32, bits=4, fmt=fmt)
+        assert len(done) == 14
+        err[fmt] = float(np.abs(logits(q) - want).max())
+    assert err["offset"] < 1e-4 * float(np.abs(want).max())
+    assert err["zero-point"] > 100 * err["offset"]
+    assert err["symmetric"] > 100 * err["offset"]
+
+
 def test_int4_ort_graph_quantized_like_the_standard_graph(int8_bundle: Path) -> None:
-    """The int4 variant's ONNX-Runtime graph: every projection behind a blocked DQ (the packed
-    q|k|v at 8 bits because v_proj is), contrib attention kept, and it computes what the
-    standard int4 graph computes up to q/k taking 8 bits (logits within 5 % of their range)."""
+    """The int4 variant's ONNX-Runtime graph: every projection behind a blocked DQ, contrib
+    attention kept, and it computes what the standard int4 graph computes (the packed q|k|v
+    quantizes column by column like q, k, v apart; logits within 1 % of their range)."""
     manifest = Manifest.load(int8_bundle)
     entry = manifest.variant("int4")["ort_graph"]
     assert entry["file"] == "model.int4.ort.onnx" and entry["kv_buffer"] == "shared"
-    assert entry["eight_bit"] == ["model.layers.0.self_attn.qkv_proj",
-                                  "model.layers.0.mlp.down_proj",
-                                  "model.layers.1.self_attn.qkv_proj",
-                                  "model.layers.1.mlp.down_proj", "lm_head"]
+    assert entry["eight_bit"] == ["lm_head"]
     assert entry["accuracy"]["ppl_ratio"] > 0
     model = onnx.load(str(int8_bundle / entry["file"]))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == 2
     idx = GraphIndex(model)
-    plain = [n for n in model.graph.node if n.op_type == "MatMul" and idx.const_name(n.input[1])]
-    assert not plain  # no float weight left
+    plain = [n for n in model.graph.node if n.op_type == "MatMul" and idx.const_name(n.input[1])
+             and not n.input[1].startswith("block_sum") and not n.input[1].endswith(".offset")]
+    assert not plain  # no float weight left but the offset terms
     assert ops.count("DequantizeLinear") == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
     feed = _feed(manifest, 5)
     got = ort.InferenceSession(str(int8_bundle / entry["file"]),
                                providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     want = ort.InferenceSession(str(int8_bundle / "model.int4.onnx"),
                                 providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
-    assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
+    assert np.abs(got - want).max() <= 0.01 * (want.max() - want.min())
 
 
 def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:

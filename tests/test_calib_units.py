@@ -111,3 +111,44 @@ def test_asymmetric_int4_beats_symmetric_and_reproduces_a_4bit_grid() -> None:
     grid[1], grid[33] = 2.5, 2.5
     q, s, z = quantize_blocked_asym(grid, 32)
     np.testing.assert_allclose(dequantize_blocked(q, s, 32, z), grid, atol=1e-6)
+
+
+def test_offset_int4_round_trip_and_formats() -> None:
+    """``w = s*q + o``: q in -8..7, positive steps, exact on a 4-bit grid with a fractional
+    offset; on Gaussian weights at least as close as the zero-point form; symmetric puts each
+    block's extreme exactly on -8 or 7 with a positive scale."""
+    from llama_export.calibration.weight_only import (
+        quantize_blocked_asym,
+        quantize_blocked_offset,
+        quantize_blocked_symmetric,
+    )
+
+    rng = np.random.default_rng(5)
+    d = rng.uniform(0.01, 0.1, size=(2, 1, 6)).astype(np.float32)
+    m = -d * np.float32(4.37)
+    grid = (d * rng.integers(2, 14, size=(2, 32, 6)) + m).reshape(64, 6).astype(np.float32)
+    q, s, o = quantize_blocked_offset(grid, 32)
+    assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7 and (s > 0).all()
+    back = q.astype(np.float32) * np.repeat(s, 32, axis=0) + np.repeat(o, 32, axis=0)
+    np.testing.assert_allclose(back, grid, atol=1e-6)
+    qa, sa, za = quantize_blocked_asym(grid, 32)
+    assert np.abs(dequantize_blocked(qa, sa, 32, za) - grid).max() > 100 * np.abs(back - grid).max()
+
+    w = rng.normal(size=(64, 40)).astype(np.float32)
+    q, s, o = quantize_blocked_offset(w, 32)
+    off_err = np.linalg.norm(q * np.repeat(s, 32, axis=0) + np.repeat(o, 32, axis=0) - w)
+    qa, sa, za = quantize_blocked_asym(w, 32)
+    assert off_err <= 1.05 * np.linalg.norm(dequantize_blocked(qa, sa, 32, za) - w)
+    with pytest.raises(ValueError, match="not a multiple"):
+        quantize_blocked_offset(w[:40], 32)
+
+    qs, ss = quantize_blocked_symmetric(w, 32)
+    assert (ss > 0).all() and qs.min() >= -8 and qs.max() <= 7
+    blocks = w.reshape(2, 32, 40)
+    ext = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0]
+    np.testing.assert_allclose(np.where(ext < 0, -8, 7) * ss, ext, rtol=1e-6)
+    qn, sn = quantize_blocked_symmetric(w, 32, negative_scales=True)  # ONNX Runtime's rule
+    np.testing.assert_allclose(-8 * sn, ext, rtol=1e-6)
+    assert (np.sign(sn) == -np.sign(ext)).all()
+    neg_err = np.linalg.norm(dequantize_blocked(qn, sn, 32) - w)
+    assert neg_err < np.linalg.norm(dequantize_blocked(qs, ss, 32) - w)

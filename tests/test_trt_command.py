@@ -229,5 +229,25 @@ def test_int4_variant_carries_int4_weights(tiny_bundle: Path) -> None:
     from llama_export.calibration.weight_only import quantize_weight_only
 
     q, _ = quantize_weight_only(onnx.load(str(tiny_bundle / "model.onnx")), bits=4)
-    # asymmetric blocks: uint4 weights with a uint4 zero-point (TensorRT builds INT4 weight-only)
-    assert set(dq_weight_types(q)) == {"UINT4"}
+    # the offset format: signed int4 without zero-points (TensorRT builds INT4 weight-only)
+    assert set(dq_weight_types(q)) == {"INT4"}
+    assert all(len(n.input) == 2 for n in q.graph.node if n.op_type == "DequantizeLinear")
+
+
+def test_zero_point_int4_is_refused_for_tensorrt(tiny_bundle: Path) -> None:
+    """TensorRT's DequantizeLayer rejects non-zero zero-points: the check says so up front
+    (naming the fix) instead of a parser failure on the target."""
+    import onnx
+
+    from llama_export.calibration.trt.graph_check import check_graph_for_tensorrt
+    from llama_export.calibration.weight_only import quantize_weight_only
+    from llama_export.runtime.errors import BundleError
+
+    fp32 = onnx.load(str(tiny_bundle / "model.onnx"))
+    names = [i.name for i in fp32.graph.input]
+    q, _ = quantize_weight_only(fp32, bits=4, fmt="zero-point")
+    with pytest.raises(BundleError, match=r"non-zero zero-points .* --format offset"):
+        check_graph_for_tensorrt(q, "model.int4.onnx", names)
+    for fmt in ("offset", "symmetric"):
+        q, _ = quantize_weight_only(onnx.load(str(tiny_bundle / "model.onnx")), bits=4, fmt=fmt)
+        check_graph_for_tensorrt(q, "model.int4.onnx", names)

@@ -66,6 +66,12 @@ def check_graph_for_tensorrt(model: onnx.ModelProto, name: str,
         raise BundleError(f"{name} inputs and the manifest disagree ({', '.join(diff)}): the "
                           "bundle is inconsistent, re-export it")
     counts = op_types(model)
+    shifted = nonzero_zero_points(model)
+    if shifted:
+        raise BundleError(
+            f"{name} has {len(shifted)} DequantizeLinear nodes with non-zero zero-points "
+            f"({shifted[0]}, ...), which TensorRT rejects: re-run `llama-export quantize --int4`"
+            " with the default --format offset")
     bad = unsupported_ops(counts)
     if bad:
         raise BundleError(
@@ -73,6 +79,16 @@ def check_graph_for_tensorrt(model: onnx.ModelProto, name: str,
             "use a standard-op variant (llama-export's fp32/fp16 export, `llama-export calibrate`,"
             " `llama-export quantize`), not an ONNX-Runtime-optimized graph")
     return counts
+
+
+def nonzero_zero_points(model: onnx.ModelProto) -> list[str]:
+    """Q/DQ nodes whose constant zero-point is not all zeros (TensorRT requires zero)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n.name or n.output[0] for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+            and n.input[2] in inits and numpy_helper.to_array(inits[n.input[2]]).any()]
 
 
 def dq_weight_types(model: onnx.ModelProto) -> Counter[str]:
