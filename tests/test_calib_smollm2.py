@@ -2,7 +2,7 @@
 
 INT8 (SmoothQuant W8A8 Q/DQ, searched alpha, sensitive projections kept float): perplexity within
 3 % of fp32 and top-1 agreement >= 90 % on the built-in held-out text. INT4 (blocks of 32,
-weight-only): perplexity within 8 %. Plain W8A8 without SmoothQuant is measured for contrast and
+weight-only, offset format): perplexity within 8 % (in fact within 2 %: exact Q4_1 blocks). Plain W8A8 without SmoothQuant is measured for contrast and
 must be clearly worse (the benefit is measured, not assumed).
 """
 
@@ -55,6 +55,11 @@ def test_gate_refuses_plain_w8a8(bundle: Path) -> None:
 
 
 def test_int4_block32_within_8_percent(bundle: Path) -> None:
-    acc = quantize(bundle, QuantizeOptions(bits=4, block_size=32))["accuracy"]
-    print(f"\nint4 block 32: {acc}")
-    assert acc["ppl_ratio"] <= 1.08
+    """The default offset format reproduces the GGUF's Q4_1 blocks, so both graphs stay far
+    inside the 8 % gate (measured: +0.18 % standard graph, +0.62 % ONNX-Runtime graph, whose
+    MatMulNBits quantizes activations to int8 inside the kernel)."""
+    entry = quantize(bundle, QuantizeOptions(bits=4, block_size=32))
+    acc, ort_acc = entry["accuracy"], entry["ort_graph"]["accuracy"]
+    print(f"\nint4 block 32: {acc}\n  ort graph: {ort_acc}")
+    assert acc["ppl_ratio"] <= 1.08 and ort_acc["ppl_ratio"] <= 1.08
+    assert acc["ppl_ratio"] <= 1.02 and ort_acc["ppl_ratio"] <= 1.02
