@@ -42,7 +42,10 @@ def _print_report(name: str, entry: dict[str, Any]) -> None:
         click.echo(f"  ONNX-Runtime graph ({ort['file']}): perplexity "
                    f"{100 * (a['ppl_ratio'] - 1):+.2f}%, top-1 agreement "
                    f"{100 * a['top1_agreement']:.1f}%, mean KL {a['mean_kl']:.4f}")
-    click.echo(f"  quantized projections {q['quantized']}; kept float: "
+    kept = "kept out of W8A8" if "excluded_weights" in q else "kept float"
+    if q.get("excluded_weights", "float") != "float":
+        kept += f" ({q['excluded_weights']})"
+    click.echo(f"  quantized projections {q['quantized']}; {kept}: "
                f"{', '.join(q['excluded']) or 'none'}")
     if q.get("eight_bit"):
         names = sorted({label.rsplit(".", 1)[-1] for label in q["eight_bit"]})
@@ -89,12 +92,15 @@ def _eval(eval_data: Path | None, eval_samples: int, min_top1: float | None,
               help="SmoothQuant alpha in [0, 1], 'auto' (searched per group), or 'off'.")
 @click.option("--keep-float", type=int, default=None,
               help="Projection groups kept float (most sensitive first); default: searched.")
+@click.option("--excluded-weights", type=click.Choice(["int8", "float"]), default="int8",
+              show_default=True,
+              help="Weights of the projections kept out of W8A8: int8 weight-only or float.")
 @_with_eval
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest entry as JSON.")
 def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, method: str,
-              percentile: float, alpha: str, keep_float: int | None, eval_data: Path | None,
-              eval_samples: int, min_top1: float | None, max_ppl_increase: float | None,
-              as_json: bool) -> None:
+              percentile: float, alpha: str, keep_float: int | None, excluded_weights: str,
+              eval_data: Path | None, eval_samples: int, min_top1: float | None,
+              max_ppl_increase: float | None, as_json: bool) -> None:
     """Calibrate BUNDLE's fp32 graph and write the INT8 (SmoothQuant W8A8 Q/DQ) variant."""
     from .pipeline import CalibrateOptions
     from .pipeline import calibrate as run
@@ -102,6 +108,7 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
     opts = CalibrateOptions(
         data=data, samples=samples, seq_len=seq_len, method=method,  # type: ignore[arg-type]
         smoothquant=_alpha(alpha), percentile=percentile, keep_float=keep_float,
+        excluded_weights=excluded_weights,
         eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase, (0.03, 0.90)))
     entry = run(bundle, opts)
     click.echo(json.dumps(entry, indent=2) if as_json else "", nl=as_json)

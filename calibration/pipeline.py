@@ -43,9 +43,12 @@ from .weight_only import (
     eight_bit_labels,
     packed_labels,
     quantize_weight_only,
+    upgrade_opset,
 )
 
 KEEP_FLOAT_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
+EXCLUDED_WEIGHTS = ("int8", "float")
+EXCLUDED_BLOCK = 32
 CACHE_FILE = "model.int8.calib.cache"
 
 
@@ -67,6 +70,7 @@ class CalibrateOptions:
     percentile: float = 99.99
     decode_steps: int = 8
     keep_float: int | None = None   # number of projection groups kept float; None: search
+    excluded_weights: str = "int8"  # the kept-float groups' weights: "int8" (weight-only) | "float"
     trt_version: int = DEFAULT_TRT_VERSION
     eval: EvalOptions = field(default_factory=EvalOptions)
 
@@ -84,6 +88,9 @@ def check_options(opts: CalibrateOptions) -> None:
         raise InputError(f"--method {opts.method} is unknown: use {', '.join(METHODS)}")
     if not 50.0 < opts.percentile <= 100.0:
         raise InputError(f"--percentile {opts.percentile} must be in (50, 100]: try 99.99")
+    if opts.excluded_weights not in EXCLUDED_WEIGHTS:
+        raise InputError(f"--excluded-weights {opts.excluded_weights} is unknown: use "
+                         f"{' or '.join(EXCLUDED_WEIGHTS)}")
     if opts.keep_float is not None and opts.keep_float < 0:
         raise InputError(f"--keep-float {opts.keep_float} is negative: pass 0 or more")
 
@@ -170,11 +177,15 @@ def matmul_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
-               exclude: list[str]) -> onnx.ModelProto:
-    model = copy.deepcopy(fp32)
+               exclude: list[str], excluded_weights: str = "int8") -> onnx.ModelProto:
+    """The W8A8 graph; ``exclude``d projections keep float activations and, with
+    ``excluded_weights="int8"``, int8 blocked weights (a quarter of their fp32 bytes; the
+    graph moves to opset 21 for blocked DequantizeLinear) instead of float ones."""
+    block = EXCLUDED_BLOCK if excluded_weights == "int8" and exclude else None
+    model = upgrade_opset(copy.deepcopy(fp32)) if block else copy.deepcopy(fp32)
     own = Tensors(model)
     own.edits = dict(tensors.edits)
-    insert_w8a8(model, plans, own, exclude)
+    insert_w8a8(model, plans, own, exclude, excluded_block=block)
     return model
 
 
@@ -212,7 +223,7 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
     model, exclude = fp32, []
     for k in steps:
         exclude = [p.label for g in ranked[:k] for p in g.group.projections]
-        model = build_int8(fp32, plans, tensors, exclude)
+        model = build_int8(fp32, plans, tensors, exclude, opts.excluded_weights)
         if len(steps) == 1:
             break
         acc = val.score(model)
@@ -248,7 +259,10 @@ def int8_entry(manifest: Manifest, model: onnx.ModelProto, plans: list[GroupPlan
         "method": opts.method, "percentile": opts.percentile if opts.method == "percentile"
         else None, "smoothquant": "off" if alpha is None else alpha,
         "alphas": {p.group.layer_label: p.alpha for p in plans},
-        "excluded": excluded, "float": ["lm_head", "norms", "softmax", "rope", "attention"],
+        "excluded": excluded, "excluded_weights": (
+            f"int8 weight-only, blocks of {EXCLUDED_BLOCK} along K"
+            if opts.excluded_weights == "int8" and excluded else "float"),
+        "float": ["lm_head", "norms", "softmax", "rope", "attention"],
         "sensitivity": [{"group": p.group.layer_label, "clip_ratio": round(p.clip_ratio, 3),
                          "w8a8_rms_error": round(p.abs_error, 5)}
                         for p in sensitivity_order(plans)

@@ -49,13 +49,28 @@ class NodeInserter:
 # left unfused); TensorRT accepts both forms and folds duplicates.
 # Excluded projections of the group keep reading X (and their float, possibly smoothed, W).
 def insert_w8a8(model: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
-                exclude: Iterable[str] = ()) -> list[str]:
-    """Quantize every projection of ``plans`` except labels in ``exclude``; returns labels done."""
+                exclude: Iterable[str] = (), excluded_block: int | None = None) -> list[str]:
+    """Quantize every projection of ``plans`` except labels in ``exclude``; returns labels done.
+
+    ``excluded_block``: the excluded projections keep float activations but get int8 weights
+    in blocks of this size along K (weight-only, opset 21; ONNX Runtime runs them as 8-bit
+    MatMulNBits) instead of float weights. None: they stay entirely float.
+    """
+    from .weight_only import quantize_blocked  # weight_only imports this module
+
     skip = set(exclude)
     idx = tensors.idx
     ins = NodeInserter(model)
     done: list[str] = []
     for plan in plans:
+        if excluded_block is not None:
+            for p in plan.group.projections:
+                if p.label in skip:
+                    w = tensors.get(weight_slot(p.node))
+                    tensors.edits.pop(weight_slot(p.node), None)
+                    q, scale = quantize_blocked(w, 8, excluded_block)
+                    idx.nodes[p.node].input[1] = weight_dq(model, ins, p.weight, q, scale, axis=0,
+                                                           block_size=excluded_block)
         projs = [p for p in plan.group.projections if p.label not in skip]
         if not projs:
             continue

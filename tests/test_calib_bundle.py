@@ -247,23 +247,43 @@ def test_runtime_loads_quantized_variants(int8_bundle: Path) -> None:
             assert out.prompt_tokens > 0
 
 
-def test_keep_float_leaves_sensitive_projections_unquantized(tiny_bundle: Path,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["int8", "float"])
+def test_keep_float_leaves_sensitive_projections_unquantized(tiny_bundle: Path, tmp_path: Path,
+                                                             weights: str) -> None:
+    """Kept-out projections read float activations; their weights are int8 blocked
+    (weight-only, the default) or float."""
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
     entry = calibrate(out, CalibrateOptions(samples=4, seq_len=32, decode_steps=4,
-                                            keep_float=2, eval=LOOSE))
+                                            keep_float=2, excluded_weights=weights, eval=LOOSE))
     q = entry["quantization"]
     assert len(q["sensitivity"]) == 2
     assert q["quantized"] + len(q["excluded"]) == 14
+    assert q["excluded_weights"].startswith(weights)
     model = _load(out, "int8")
     idx = GraphIndex(model)
-    for p in find_projections(model):
-        quantized = idx.producer.get(p.input) is not None and \
-            idx.producer[p.input].op_type == "DequantizeLinear"
-        assert not quantized  # only float-weight projections are "projections" any more
-    kept = {p.label for p in find_projections(model)} - {"lm_head"}
-    assert kept == set(q["excluded"])
+    by_label = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.name.split("/")[-2] in ("q_proj", "k_proj", "v_proj",
+                                                               "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"):
+            by_label["model." + n.name.removeprefix("/").rsplit("/", 1)[0].replace("/", ".")] = n
+    assert len(by_label) == 14
+    for label, n in by_label.items():
+        act = idx.producer.get(n.input[0])
+        w_dq = idx.producer.get(n.input[1])
+        act_quantized = act is not None and act.op_type == "DequantizeLinear"
+        assert act_quantized == (label not in q["excluded"]), label
+        if label in q["excluded"] and weights == "float":
+            assert idx.array(str(idx.const_name(n.input[1]))).dtype == np.float32
+        else:
+            assert w_dq is not None and w_dq.op_type == "DequantizeLinear"
+            assert idx.array(w_dq.input[0]).dtype == np.int8
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in w_dq.attribute}
+            assert attrs == ({"axis": 0, "block_size": 32} if label in q["excluded"]
+                             else {"axis": 1})
+    sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(["logits"], _feed(Manifest.load(out), 5))[0]).all()
 
 
 def test_int8_weight_only_variant(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 INT8 (SmoothQuant W8A8 Q/DQ, searched alpha, sensitive projections kept float): perplexity within
 3 % of fp32 and top-1 agreement >= 90 % on the built-in held-out text. INT4 (blocks of 32,
-weight-only, offset format): perplexity within 8 % (in fact within 2 %: exact Q4_1 blocks). Plain W8A8 without SmoothQuant is measured for contrast and
+weight-only, offset format): perplexity within 8 % (in fact within 2 %: exact Q4_1
+blocks). Plain W8A8 without SmoothQuant is measured for contrast and
 must be clearly worse (the benefit is measured, not assumed).
 """
 
