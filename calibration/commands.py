@@ -95,11 +95,14 @@ def _eval(eval_data: Path | None, eval_samples: int, min_top1: float | None,
 @click.option("--excluded-weights", type=click.Choice(["int8", "float"]), default="int8",
               show_default=True,
               help="Weights of the projections kept out of W8A8: int8 weight-only or float.")
+@click.option("--lm-head", "lm_head", type=click.Choice(["float", "int8"]), default="float",
+              show_default=True,
+              help="lm_head weights: float, or int8 weight-only (activations stay float).")
 @_with_eval
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest entry as JSON.")
 def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, method: str,
               percentile: float, alpha: str, keep_float: int | None, excluded_weights: str,
-              eval_data: Path | None, eval_samples: int, min_top1: float | None,
+              lm_head: str, eval_data: Path | None, eval_samples: int, min_top1: float | None,
               max_ppl_increase: float | None, as_json: bool) -> None:
     """Calibrate BUNDLE's fp32 graph and write the INT8 (SmoothQuant W8A8 Q/DQ) variant."""
     from .pipeline import CalibrateOptions
@@ -108,7 +111,7 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
     opts = CalibrateOptions(
         data=data, samples=samples, seq_len=seq_len, method=method,  # type: ignore[arg-type]
         smoothquant=_alpha(alpha), percentile=percentile, keep_float=keep_float,
-        excluded_weights=excluded_weights,
+        excluded_weights=excluded_weights, lm_head=lm_head,
         eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase, (0.03, 0.90)))
     entry = run(bundle, opts)
     click.echo(json.dumps(entry, indent=2) if as_json else "", nl=as_json)

@@ -42,6 +42,7 @@ from .weight_only import (
     FORMATS,
     eight_bit_labels,
     packed_labels,
+    quantize_lm_head,
     quantize_weight_only,
     upgrade_opset,
 )
@@ -71,6 +72,7 @@ class CalibrateOptions:
     decode_steps: int = 8
     keep_float: int | None = None   # number of projection groups kept float; None: search
     excluded_weights: str = "int8"  # the kept-float groups' weights: "int8" (weight-only) | "float"
+    lm_head: str = "float"          # "float" | "int8" (weight-only blocks; activations stay float)
     trt_version: int = DEFAULT_TRT_VERSION
     eval: EvalOptions = field(default_factory=EvalOptions)
 
@@ -88,6 +90,9 @@ def check_options(opts: CalibrateOptions) -> None:
         raise InputError(f"--method {opts.method} is unknown: use {', '.join(METHODS)}")
     if not 50.0 < opts.percentile <= 100.0:
         raise InputError(f"--percentile {opts.percentile} must be in (50, 100]: try 99.99")
+    if opts.lm_head not in EXCLUDED_WEIGHTS:
+        raise InputError(f"--lm-head {opts.lm_head} is unknown: use "
+                         f"{' or '.join(EXCLUDED_WEIGHTS)}")
     if opts.excluded_weights not in EXCLUDED_WEIGHTS:
         raise InputError(f"--excluded-weights {opts.excluded_weights} is unknown: use "
                          f"{' or '.join(EXCLUDED_WEIGHTS)}")
@@ -177,16 +182,19 @@ def matmul_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
-               exclude: list[str], excluded_weights: str = "int8") -> onnx.ModelProto:
+               exclude: list[str], excluded_weights: str = "int8",
+               lm_head: str = "float") -> onnx.ModelProto:
     """The W8A8 graph; ``exclude``d projections keep float activations and, with
     ``excluded_weights="int8"``, int8 blocked weights (a quarter of their fp32 bytes; the
-    graph moves to opset 21 for blocked DequantizeLinear) instead of float ones."""
+    graph moves to opset 21 for blocked DequantizeLinear) instead of float ones.
+    ``lm_head="int8"``: the same weight-only form for lm_head (113 MB of fp32 reads per token
+    on SmolLM2; its GGUF source is Q8_0, which 8-bit blocks of 32 reproduce)."""
     block = EXCLUDED_BLOCK if excluded_weights == "int8" and exclude else None
     model = upgrade_opset(copy.deepcopy(fp32)) if block else copy.deepcopy(fp32)
     own = Tensors(model)
     own.edits = dict(tensors.edits)
     insert_w8a8(model, plans, own, exclude, excluded_block=block)
-    return model
+    return quantize_lm_head(model, EXCLUDED_BLOCK) if lm_head == "int8" else model
 
 
 def measure_clipping(fp32: onnx.ModelProto, manifest: Manifest, plans: list[GroupPlan],
@@ -223,7 +231,7 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
     model, exclude = fp32, []
     for k in steps:
         exclude = [p.label for g in ranked[:k] for p in g.group.projections]
-        model = build_int8(fp32, plans, tensors, exclude, opts.excluded_weights)
+        model = build_int8(fp32, plans, tensors, exclude, opts.excluded_weights, opts.lm_head)
         if len(steps) == 1:
             break
         acc = val.score(model)
@@ -262,7 +270,10 @@ def int8_entry(manifest: Manifest, model: onnx.ModelProto, plans: list[GroupPlan
         "excluded": excluded, "excluded_weights": (
             f"int8 weight-only, blocks of {EXCLUDED_BLOCK} along K"
             if opts.excluded_weights == "int8" and excluded else "float"),
-        "float": ["lm_head", "norms", "softmax", "rope", "attention"],
+        "float": [*(["lm_head"] if opts.lm_head == "float" else []), "norms", "softmax",
+                  "rope", "attention"],
+        "lm_head": "float" if opts.lm_head == "float" else
+        f"int8 weight-only, blocks of {EXCLUDED_BLOCK} along K",
         "sensitivity": [{"group": p.group.layer_label, "clip_ratio": round(p.clip_ratio, 3),
                          "w8a8_rms_error": round(p.abs_error, 5)}
                         for p in sensitivity_order(plans)

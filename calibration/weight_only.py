@@ -211,6 +211,21 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
     return model, done
 
 
+def quantize_lm_head(model: onnx.ModelProto, block: int = 32) -> onnx.ModelProto:
+    """``model`` (opset 21) with only the lm_head's weight in int8 blocks (weight-only)."""
+    model = upgrade_opset(model)
+    idx = GraphIndex(model)
+    ins = NodeInserter(model)
+    for p in find_projections(model):
+        if is_lm_head(idx, p):
+            q, scale = quantize_blocked(idx.array(p.weight), 8, block)
+            idx.nodes[p.node].input[1] = weight_dq(model, ins, p.weight, q, scale, axis=0,
+                                                   block_size=block, bits=8)
+    ins.commit()
+    prune_initializers(model)
+    return model
+
+
 class BlockSums:
     """The offset format's correction ``Y += (X @ P) @ O``: one block-sum ``X @ P`` per
     activation (q/k/v and gate/up share theirs), one small MatMul + Add per projection.

@@ -298,3 +298,24 @@ def test_int8_weight_only_variant(tiny_bundle: Path, tmp_path: Path) -> None:
     idx = GraphIndex(model)
     assert all(idx.inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dqs)
     assert entry["accuracy"]["ppl_ratio"] < 1.01  # 8-bit weights barely move the tiny model
+
+
+def test_int8_lm_head_weight_only_option(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``lm_head="int8"``: lm_head's weight in int8 blocks, its input still float (no Q/DQ on
+    the activation); recorded in the manifest; the default keeps it float."""
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    entry = calibrate(out, CalibrateOptions(samples=4, seq_len=32, decode_steps=4, keep_float=0,
+                                            lm_head="int8", eval=LOOSE))
+    q = entry["quantization"]
+    assert q["lm_head"].startswith("int8 weight-only") and "lm_head" not in q["float"]
+    model = _load(out, "int8")
+    idx = GraphIndex(model)
+    (head,) = [n for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
+    w_dq = idx.producer[head.input[1]]
+    assert w_dq.op_type == "DequantizeLinear" and idx.array(w_dq.input[0]).dtype == np.int8
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in w_dq.attribute} == \
+        {"axis": 0, "block_size": 32}
+    assert idx.producer[head.input[0]].op_type != "DequantizeLinear"
+    sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(["logits"], _feed(Manifest.load(out), 5))[0]).all()
