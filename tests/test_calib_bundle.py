@@ -236,10 +236,34 @@ def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
     assert all(s > 0 for s in scales.values())
 
 
+def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
+    """The calibrated int8 variant's ONNX-Runtime graph: every projection behind an int8
+    blocked DQ (ONNX Runtime's MatMulNBits form), no activation Q/DQ, lm_head float by default,
+    contrib attention kept, gated and recorded; the runtime picks it on CPU."""
+    from llama_export.runtime.bundle import load_bundle
+
+    manifest = Manifest.load(int8_bundle)
+    entry = manifest.variant("int8")["ort_graph"]
+    assert entry["file"] == "model.int8.ort.onnx" and entry["lm_head"] == "float"
+    assert entry["accuracy"]["ppl_ratio"] > 0
+    assert manifest.data["files"]["model.int8.ort.onnx"] == sha256_file(
+        int8_bundle / "model.int8.ort.onnx")
+    model = onnx.load(str(int8_bundle / entry["file"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "QuantizeLinear" not in ops
+    idx = GraphIndex(model)
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 2 * 5  # qkv, o, gate, up, down per layer; lm_head float
+    assert all(idx.array(n.input[0]).dtype == np.int8 for n in dqs)
+    with load_bundle(int8_bundle, variant="int8") as m:
+        assert m.backend.graph == "ort"
+
+
 def test_runtime_loads_quantized_variants(int8_bundle: Path) -> None:
     from llama_export.runtime.bundle import load_bundle
 
-    for variant, graph in (("int8", "standard"), ("int4", "ort"), ("int4", "standard")):
+    for variant, graph in (("int8", "standard"), ("int8", "ort"), ("int4", "ort"),
+                           ("int4", "standard")):
         with load_bundle(int8_bundle, variant=variant, graph=graph) as model:
             assert model.backend.graph == graph
             out = model.generate("Hello", max_new_tokens=4, temperature=0.0)
