@@ -97,7 +97,8 @@ def _eval(eval_data: Path | None, eval_samples: int, min_top1: float | None,
               help="Weights of the projections kept out of W8A8: int8 weight-only or float.")
 @click.option("--lm-head", "lm_head", type=click.Choice(["float", "int8"]), default="float",
               show_default=True,
-              help="lm_head weights: float, or int8 weight-only (activations stay float).")
+              help="lm_head weights in the W8A8 (TensorRT) graph: float, or int8 weight-only "
+                   "(activations stay float). The ONNX-Runtime graph's lm_head is int8.")
 @_with_eval
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest entry as JSON.")
 def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, method: str,

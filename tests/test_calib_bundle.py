@@ -238,13 +238,13 @@ def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
 
 def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
     """The calibrated int8 variant's ONNX-Runtime graph: every projection behind an int8
-    blocked DQ (ONNX Runtime's MatMulNBits form), no activation Q/DQ, lm_head float by default,
+    blocked DQ (ONNX Runtime's MatMulNBits form), lm_head included, no activation Q/DQ,
     contrib attention kept, gated and recorded; the runtime picks it on CPU."""
     from llama_export.runtime.bundle import load_bundle
 
     manifest = Manifest.load(int8_bundle)
     entry = manifest.variant("int8")["ort_graph"]
-    assert entry["file"] == "model.int8.ort.onnx" and entry["lm_head"] == "float"
+    assert entry["file"] == "model.int8.ort.onnx" and entry["lm_head"] == "int8"
     assert entry["accuracy"]["ppl_ratio"] > 0
     assert manifest.data["files"]["model.int8.ort.onnx"] == sha256_file(
         int8_bundle / "model.int8.ort.onnx")
@@ -253,7 +253,7 @@ def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
     assert ops.count("GroupQueryAttention") == 2 and "QuantizeLinear" not in ops
     idx = GraphIndex(model)
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == 2 * 5  # qkv, o, gate, up, down per layer; lm_head float
+    assert len(dqs) == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
     assert all(idx.array(n.input[0]).dtype == np.int8 for n in dqs)
     with load_bundle(int8_bundle, variant="int8") as m:
         assert m.backend.graph == "ort"
