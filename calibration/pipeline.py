@@ -71,7 +71,9 @@ class CalibrateOptions:
     percentile: float = 99.99
     decode_steps: int = 8
     keep_float: int | None = None   # number of projection groups kept float; None: search
-    excluded_weights: str = "int8"  # the kept-float groups' weights: "int8" (weight-only) | "float"
+    # The kept-float groups' weights: "float" | "int8" (weight-only blocks). Float by default:
+    # this graph is TensorRT's, which documents INT8 only with quantized activations.
+    excluded_weights: str = "float"
     lm_head: str = "float"          # "float" | "int8" (weight-only blocks; activations stay float)
     trt_version: int = DEFAULT_TRT_VERSION
     eval: EvalOptions = field(default_factory=EvalOptions)
@@ -213,7 +215,7 @@ def matmul_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
-               exclude: list[str], excluded_weights: str = "int8",
+               exclude: list[str], excluded_weights: str = "float",
                lm_head: str = "float") -> onnx.ModelProto:
     """The W8A8 graph; ``exclude``d projections keep float activations and, with
     ``excluded_weights="int8"``, int8 blocked weights (a quarter of their fp32 bytes; the

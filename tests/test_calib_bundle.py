@@ -274,8 +274,8 @@ def test_runtime_loads_quantized_variants(int8_bundle: Path) -> None:
 @pytest.mark.parametrize("weights", ["int8", "float"])
 def test_keep_float_leaves_sensitive_projections_unquantized(tiny_bundle: Path, tmp_path: Path,
                                                              weights: str) -> None:
-    """Kept-out projections read float activations; their weights are int8 blocked
-    (weight-only, the default) or float."""
+    """Kept-out projections read float activations; their weights are float (the default)
+    or int8 blocks (weight-only, ``--excluded-weights int8``)."""
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
     entry = calibrate(out, CalibrateOptions(samples=4, seq_len=32, decode_steps=4,
