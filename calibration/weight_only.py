@@ -108,12 +108,12 @@ def quantize_blocked_offset(w: np.ndarray, block: int) -> tuple[np.ndarray, np.n
     Candidate steps ``(max - min) / L`` for ``L`` in :data:`OFFSET_LEVELS` with the grid
     anchored at the block minimum; the least squared error wins. A block that uses ``L + 1``
     levels of a 4-bit grid (a GGUF ``Q4_1`` block spanning levels 1..14, say) is reproduced
-    exactly. ``K`` must be a multiple of ``block``.
+    exactly. A last partial block is padded with copies of the last row (keeps min/max honest).
     """
     k, n = w.shape
-    if k % block:
-        raise ValueError(f"K={k} is not a multiple of the block size {block}")
-    blocks = w.reshape(k // block, block, n).astype(np.float32)
+    nb = -(-k // block)
+    pad = np.repeat(w[-1:], nb * block - k, axis=0)
+    blocks = np.concatenate([w, pad]).reshape(nb, block, n).astype(np.float32)
     lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
     best = np.ones_like(lo)
@@ -125,7 +125,7 @@ def quantize_blocked_offset(w: np.ndarray, block: int) -> tuple[np.ndarray, np.n
         best_err, best = np.where(better, err, best_err), np.where(better, s, best)
     q = np.clip(np.rint((blocks - lo) / best), 0, 15) - 8
     offset = lo + 8 * best
-    return (q.reshape(k, n).astype(np.int8), best[:, 0].astype(np.float32),
+    return (q.reshape(nb * block, n)[:k].astype(np.int8), best[:, 0].astype(np.float32),
             offset[:, 0].astype(np.float32))
 
 
@@ -173,8 +173,7 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
 
     ``int8_labels``: projections given 8-bit blocks in a 4-bit variant (see
     :func:`eight_bit_labels`); an lm_head listed there is quantized too. ``fmt``: the INT4
-    format (module docstring); ``offset`` falls back to ``symmetric`` for a projection whose
-    K is not a multiple of ``block``. ``negative_scales``: the symmetric format's ONNX Runtime
+    format (module docstring). ``negative_scales``: the symmetric format's ONNX Runtime
     rule (:func:`quantize_blocked_symmetric`), for graphs TensorRT never reads. ``only``: the
     labels to quantize (default: every projection).
     """
@@ -192,10 +191,10 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
             continue
         w = idx.array(p.weight)
         if bits == 4 and p.label not in int8_labels:
-            if fmt == "offset" and w.shape[0] % block == 0:
+            if fmt == "offset":
                 q, scale, offset = quantize_blocked_offset(w, block)
                 out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4)
-                sums.add_offset(idx.nodes[p.node], p, offset)
+                sums.add_offset(idx.nodes[p.node], p, offset, w.shape[0])
             elif fmt == "zero-point":
                 q, scale, zp = quantize_blocked_asym(w, block)
                 out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4,
@@ -241,8 +240,10 @@ class BlockSums:
         if x in self.sums:
             return self.sums[x]
         if k not in self.indicators:
-            p = np.repeat(np.eye(k // self.block, dtype=np.float32), self.block, axis=0)
-            name = fresh_name(self.model, f"block_sum.{k}x{k // self.block}")
+            nb = -(-k // self.block)
+            p = np.zeros((k, nb), dtype=np.float32)
+            p[np.arange(k), np.arange(k) // self.block] = 1.0  # a last partial block sums fewer
+            name = fresh_name(self.model, f"block_sum.{k}x{nb}")
             set_initializer(self.model, name, p)
             self.indicators[k] = name
         out = fresh_name(self.model, x + ".block_sum")
@@ -252,9 +253,10 @@ class BlockSums:
         self.sums[x] = out
         return out
 
-    def add_offset(self, node: onnx.NodeProto, p: Projection, offset: np.ndarray) -> None:
-        """Rewire ``node`` (the projection MatMul) to add ``block_sum(X) @ offset``."""
-        k = offset.shape[0] * self.block
+    def add_offset(self, node: onnx.NodeProto, p: Projection, offset: np.ndarray,
+                   k: int) -> None:
+        """Rewire ``node`` (the projection MatMul, weight ``(k, N)``) to add
+        ``block_sum(X) @ offset``."""
         o = fresh_name(self.model, p.weight + ".offset")
         set_initializer(self.model, o, offset)
         raw = fresh_name(self.model, p.output + ".no_offset")

@@ -193,6 +193,35 @@ def test_offset_int4_reproduces_q4_1_weights_exactly(tiny_bundle: Path) -> None:
     assert err["symmetric"] > 100 * err["offset"]
 
 
+def test_offset_int4_partial_block_graph_matches_its_weights(tiny_bundle: Path) -> None:
+    """Blocks of 128 on K = 64 / 128: a partial block's offset term sums only its real rows.
+    The offset graph computes exactly the fp32 graph holding the reconstructed ``s*q + o``."""
+    from llama_export.calibration.graph import set_initializer
+    from llama_export.calibration.weight_only import quantize_blocked_offset, quantize_weight_only
+
+    manifest = Manifest.load(tiny_bundle)
+    fp32 = onnx.load(str(tiny_bundle / "model.onnx"))
+    recon = copy.deepcopy(fp32)
+    idx = GraphIndex(recon)
+    for p in find_projections(recon):
+        if is_lm_head(idx, p):
+            continue
+        w = idx.array(p.weight)
+        q, scale, offset = quantize_blocked_offset(w, 128)
+        k = w.shape[0]
+        set_initializer(recon, p.weight, q * np.repeat(scale, 128, axis=0)[:k]
+                        + np.repeat(offset, 128, axis=0)[:k])
+    quant, done = quantize_weight_only(fp32, bits=4, block=128, fmt="offset")
+    assert len(done) == 14
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = _feed(manifest, 6)
+    got, want = (ort.InferenceSession(m.SerializeToString(), so,
+                                      providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+                 for m in (quant, recon))
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()), rtol=0)
+
+
 def test_int4_ort_graph_quantized_like_the_standard_graph(int8_bundle: Path) -> None:
     """The int4 variant's ONNX-Runtime graph: every projection behind a blocked DQ, contrib
     attention kept, and it computes what the standard int4 graph computes (the packed q|k|v
