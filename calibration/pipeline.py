@@ -356,7 +356,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                                        include_lm_head=opts.lm_head, int8_labels=eight,
                                        fmt=opts.fmt)
     name = "int4" if opts.bits == 4 else "int8wo"
-    acc = gate_variant(name, ev, model, opts.eval.gate)
+    acc = gate_variant(name, ev, model, opts)
     ort_model, ort_acc, ort_eight = None, None, []
     fp32_ort = load_ort_graph(bundle, manifest)
     if fp32_ort is not None:
@@ -365,7 +365,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
                                             include_lm_head=opts.lm_head, int8_labels=ort_eight,
                                             fmt=opts.fmt, negative_scales=True)
-        ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts.eval.gate)
+        ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))
     entry["quantization"] = {
@@ -394,14 +394,20 @@ def _weights_text(opts: QuantizeOptions) -> str:
             "symmetric": f"int4 symmetric, {blocks}"}[opts.fmt]
 
 
-def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto, gate: Gate) -> Accuracy:
+def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto,
+                 opts: QuantizeOptions) -> Accuracy:
     """Held-out accuracy of a weight-only graph; refuse (nothing written) when it fails."""
     acc = ev.score(model)
     log(f"{name}: {acc.line()}")
-    failures = gate.failures(acc)
+    failures = opts.eval.gate.failures(acc)
     if failures:
+        tips = ["--format offset (the most accurate INT4)"] if opts.bits == 4 and \
+            opts.fmt != "offset" else []
+        if opts.block_size > min(BLOCK_SIZES):
+            tips.append(f"--block-size {min(BLOCK_SIZES)}")
+        tips += ["--int8" if opts.bits == 4 else "--no-lm-head",
+                 "or loosen --max-ppl-increase"]
         raise CalibrationError(
             f"{name} variant fails the accuracy gate ({'; '.join(failures)}); nothing was "
-            "written. Try --format offset (the most accurate INT4), a smaller --block-size, "
-            "--int8, or loosen --max-ppl-increase")
+            f"written. Try {', '.join(tips)}")
     return acc

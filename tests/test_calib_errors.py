@@ -95,3 +95,18 @@ def test_failed_gate_writes_nothing(bundle: Path, capsys: pytest.CaptureFixture[
     assert "nothing was written. Try" in lines[-1]
     assert "--method percentile" in lines[-1]
     assert _snapshot(bundle) == before
+
+
+@pytest.mark.parametrize(("fmt", "hint"), [("symmetric", True), ("offset", False)])
+def test_failed_int4_gate_writes_nothing_and_suggests_what_is_left(
+        bundle: Path, capsys: pytest.CaptureFixture[str], fmt: str, hint: bool) -> None:
+    """The refusal names what to try, never the format already in use."""
+    before = _snapshot(bundle)
+    code, err = _run(["quantize", str(bundle), "--int4", "--format", fmt, "--block-size", "64",
+                      "--eval-samples", "1", "--max-ppl-increase", "-1"], capsys)
+    assert code == 2
+    last = err.splitlines()[-1]
+    assert last.startswith("error: int4 variant fails the accuracy gate")
+    assert ("--format offset" in last) == hint
+    assert "--block-size 32" in last and "--int8" in last
+    assert _snapshot(bundle) == before
