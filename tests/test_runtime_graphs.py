@@ -100,3 +100,35 @@ def test_generate_same_text_on_both_graphs(pair: Any) -> None:
     a = fast.generate_batch(prompts, max_new_tokens=24, eos_token_ids=())
     b = std.generate_batch(prompts, max_new_tokens=24, eos_token_ids=())
     assert [c.tokens for c in a] == [c.tokens for c in b]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_forward_tail_returns_each_new_position(pair: Any, batch: int) -> None:
+    """``forward_tail`` gives the logits of every asked-for new position, equal to stepping the
+    same tokens one at a time (batch 2 with a past also covers the ORT graph's per-token path)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (batch, 9))
+    for model in pair:
+        backend = model.backend
+        stepped_cache, tail_cache = backend.new_cache(batch, 16), backend.new_cache(batch, 16)
+        for cache in (stepped_cache, tail_cache):
+            backend.forward(ids[:, :4], np.arange(4)[None].repeat(batch, 0), None, cache)
+        stepped = np.stack([backend.forward(ids[:, t:t + 1], np.full((batch, 1), t), None,
+                                            stepped_cache) for t in range(4, 9)], axis=1)
+        tail = backend.forward_tail(ids[:, 4:], np.arange(4, 9)[None].repeat(batch, 0), None,
+                                    tail_cache, 3)
+        assert tail.shape == (batch, 3, model.manifest.vocab_size) and tail.dtype == np.float32
+        np.testing.assert_allclose(tail, stepped[:, 2:], atol=ATOL, rtol=0)
+        assert tail_cache.length == 9
+
+
+def test_forward_tail_on_a_last_logits_graph_names_the_reexport(pair: Any) -> None:
+    backend = pair[0].backend
+    cache = backend.new_cache(1, 8)
+    backend.logits_mode = "last"  # as a bundle exported with --logits last records it
+    try:
+        with pytest.raises(InputError, match=r"re-export the bundle .* --logits all"):
+            backend.forward_tail(np.ones((1, 3), np.int64), np.arange(3)[None], None, cache, 2)
+        assert cache.length == 0
+    finally:
+        backend.logits_mode = "all"

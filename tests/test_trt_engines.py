@@ -128,7 +128,7 @@ def _manifest(logits: str = "all") -> Manifest:
                                            "dims": ["batch", "seq", 100]}, *present]}}})
 
 
-def test_io_plan_layout_and_last_logits_copy() -> None:
+def test_io_plan_layout_and_tail_logits_copy() -> None:
     plan = IoPlan.from_manifest(_manifest(), "fp16", Limits(4, 32, 64))
     assert plan.past == ("past_key_values.0.key", "past_key_values.0.value",
                          "past_key_values.1.key", "past_key_values.1.value")
@@ -140,9 +140,11 @@ def test_io_plan_layout_and_last_logits_copy() -> None:
     assert layout["logits"] == (4096, 4 * 32 * 100 * 2)
     assert all(off % 256 == 0 for off, _ in layout.values())
     # logits="all": row b of the last position starts at (b * seq + seq - 1) * vocab elements
-    assert plan.last_logits_copy(batch=3, seq=5) == (4 * 200, 5 * 200, 200, 3)
+    assert plan.tail_logits_copy(batch=3, seq=5, tail=1) == (4 * 200, 5 * 200, 200, 3)
+    # the last 3 positions of each row: 3 contiguous positions from position 2 of 5
+    assert plan.tail_logits_copy(batch=3, seq=5, tail=3) == (2 * 200, 5 * 200, 3 * 200, 3)
     last = IoPlan.from_manifest(_manifest("last"), "fp16", Limits(4, 32, 64))
-    assert last.last_logits_copy(batch=3, seq=5) == (0, 200, 200, 3)
+    assert last.tail_logits_copy(batch=3, seq=5, tail=1) == (0, 200, 200, 3)
     assert last.static_layout()["logits"][1] == 4 * 1 * 100 * 2
     assert plan.kv_tensor_bytes(2, 10) == 768  # 2 x 2 heads x 10 x 8 x 2 B = 640, aligned to 256
 

@@ -25,7 +25,7 @@ from types import TracebackType
 
 import numpy as np
 
-from llama_export.runtime.errors import InputError
+from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.manifest import Manifest
 
 _INT64 = np.dtype(np.int64)
@@ -68,6 +68,7 @@ class Backend(abc.ABC):
 
     manifest: Manifest
     variant: str
+    logits_mode: str = "all"  # the graph's manifest ``logits`` entry: "all" | "last"
 
     def __enter__(self) -> Backend:
         return self
@@ -104,6 +105,20 @@ class Backend(abc.ABC):
         ``input_ids`` / ``position_ids``: int64 ``[batch, seq]``; ``attention_mask``: int64
         ``[batch, cache.length + seq]`` or ``None`` (no padding: all ones). Advances ``cache``.
         """
+        return self.forward_tail(input_ids, position_ids, attention_mask, cache, 1)[:, 0]
+
+    def tail_limit(self, seq: int) -> int:
+        """How many trailing positions' logits a forward of ``seq`` new tokens can return."""
+        return logits_positions(self.logits_mode, seq)
+
+    def forward_tail(self, input_ids: np.ndarray, position_ids: np.ndarray,
+                     attention_mask: np.ndarray | None, cache: KVCache, tail: int) -> np.ndarray:
+        """Like :meth:`forward`, but return the logits of the last ``tail`` new positions,
+        ``[batch, tail, vocab]`` float32 (speculative verification, parity over a sequence).
+
+        A graph exported with ``--logits last`` returns only the last position: asking it for
+        more is an error naming the re-export.
+        """
         ids = _as_int64_2d("input_ids", input_ids)
         pos = _as_int64_2d("position_ids", position_ids)
         batch, seq = ids.shape
@@ -115,6 +130,13 @@ class Backend(abc.ABC):
                              "create the cache with new_cache(batch_size=len(prompts), ...)")
         if seq < 1:
             raise InputError("no tokens to run (seq length 0): pass at least one token")
+        if not 1 <= tail <= seq:
+            raise InputError(f"tail {tail} is outside 1..{seq} (the new tokens of this call)")
+        if tail > self.tail_limit(seq):
+            raise InputError(
+                f"this {self.variant} graph returns logits of the last position only "
+                f"(exported with --logits {self.logits_mode}); {tail} positions were asked for: "
+                "re-export the bundle with `llama-export onnx ... --logits all`")
         if seq > cache.remaining:
             raise InputError(
                 f"{seq} new tokens do not fit: cache holds {cache.length} of {cache.capacity} "
@@ -129,7 +151,7 @@ class Backend(abc.ABC):
             if mask.shape != (batch, total):
                 raise InputError(f"attention_mask shape {mask.shape} != {(batch, total)} "
                                  "(batch, past + seq): pass the full mask including past positions")
-        logits = self._forward_impl(ids, pos, mask, cache)
+        logits = self._forward_impl(ids, pos, mask, cache, tail)
         cache.length = total
         return logits
 
@@ -140,13 +162,24 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _forward_impl(self, input_ids: np.ndarray, position_ids: np.ndarray,
-                      attention_mask: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Arguments already validated (contiguous int64, shapes consistent, capacity checked).
+                      attention_mask: np.ndarray, cache: KVCache, tail: int) -> np.ndarray:
+        """Arguments already validated (contiguous int64, shapes consistent, capacity checked,
+        ``tail`` within :meth:`tail_limit`).
 
-        Must return C-contiguous float32 ``[batch, vocab]`` host logits of the last position
-        and store the new K/V so the next call sees ``cache.length + seq`` past positions.
+        Must return C-contiguous float32 ``[batch, tail, vocab]`` host logits of the last
+        ``tail`` positions and store the new K/V so the next call sees ``cache.length + seq`` past positions.
         Must NOT change ``cache.length`` (the caller advances it after success).
         """
+
+
+def logits_positions(mode: str, seq: int) -> int:
+    """Trailing positions a graph exported with ``--logits mode`` returns for ``seq`` tokens."""
+    if mode == "all":
+        return seq
+    if mode == "last":
+        return 1
+    raise BundleError(f"the manifest's logits mode {mode!r} is unknown to this llama-export: "
+                      "upgrade llama-export or re-export the bundle")
 
 
 def _as_int64_2d(name: str, a: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_export.runtime.backends.base import Backend, KVCache
+from llama_export.runtime.backends.base import Backend, KVCache, logits_positions
 from llama_export.runtime.engines import GpuInfo, Limits, engine_view, select_engine, select_profile
 from llama_export.runtime.errors import BundleError, HardwareError, InputError, MissingDependencyError
 from llama_export.runtime.manifest import Manifest, sha256_file
@@ -52,7 +52,7 @@ class IoPlan:
     kv_itemsize: int
     vocab: int
     logits_dtype: str
-    logits_all: bool
+    logits_mode: str  # the manifest's "all" | "last"
     limits: Limits
 
     @classmethod
@@ -66,7 +66,7 @@ class IoPlan:
             kv_heads=manifest.num_kv_heads, head_dim=manifest.head_dim,
             kv_itemsize=np.dtype(NP_DTYPES[manifest.kv_dtype(variant)]).itemsize,
             vocab=manifest.vocab_size, logits_dtype=str(logits["dtype"]),
-            logits_all=spec.get("logits", "all") == "all", limits=limits)
+            logits_mode=str(spec.get("logits", "all")), limits=limits)
 
     def kv_tensor_bytes(self, batch: int, capacity: int) -> int:
         return _align(batch * self.kv_heads * capacity * self.head_dim * self.kv_itemsize)
@@ -75,7 +75,7 @@ class IoPlan:
         """``name -> (offset, bytes)`` of the step buffers in one device allocation."""
         lim = self.limits
         itemsize = np.dtype(NP_DTYPES[self.logits_dtype]).itemsize
-        positions = lim.max_prompt if self.logits_all else 1
+        positions = logits_positions(self.logits_mode, lim.max_prompt)
         sizes = {"input_ids": lim.max_batch * lim.max_prompt * 8,
                  "position_ids": lim.max_batch * lim.max_prompt * 8,
                  "attention_mask": lim.max_batch * lim.max_context * 8,
@@ -86,12 +86,12 @@ class IoPlan:
             offset += _align(size)
         return layout
 
-    def last_logits_copy(self, batch: int, seq: int) -> tuple[int, int, int, int]:
-        """``(src_offset, src_pitch, row_bytes, rows)`` of a 2-D copy of ``logits[:, -1, :]``."""
-        row = self.vocab * np.dtype(NP_DTYPES[self.logits_dtype]).itemsize
-        if not self.logits_all:  # graph already returns [batch, 1, vocab]
-            return 0, row, row, batch
-        return (seq - 1) * row, seq * row, row, batch
+    def tail_logits_copy(self, batch: int, seq: int, tail: int) -> tuple[int, int, int, int]:
+        """``(src_offset, src_pitch, row_bytes, rows)`` of a 2-D copy of ``logits[:, -tail:, :]``
+        (one row per sequence, each ``tail`` positions long)."""
+        pos = self.vocab * np.dtype(NP_DTYPES[self.logits_dtype]).itemsize
+        returned = logits_positions(self.logits_mode, seq)  # positions per sequence in the output
+        return (returned - tail) * pos, returned * pos, tail * pos, batch
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,7 @@ class TrtBackend(Backend):
         limits = Limits(**{k: int(v) for k, v in entry["limits"].items()})
         self.manifest, self.variant, self.engine_entry = engine_view(manifest, limits), variant, entry
         self.io = IoPlan.from_manifest(manifest, variant, limits)
+        self.logits_mode = self.io.logits_mode
         self._cudart = cudart
         cuda_call(cudart, cudart.cudaSetDevice(opts.device))
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -223,7 +224,7 @@ class TrtBackend(Backend):
                           count, tensor)
 
     def _forward_impl(self, input_ids: np.ndarray, position_ids: np.ndarray,
-                      attention_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+                      attention_mask: np.ndarray, cache: KVCache, tail: int) -> np.ndarray:
         if not isinstance(cache, TrtKVCache):
             raise InputError("this cache was made by another backend: use backend.new_cache()")
         batch, seq = input_ids.shape
@@ -246,7 +247,7 @@ class TrtBackend(Backend):
         if not ctx.execute_async_v3(int(stream)):
             raise HardwareError("TensorRT failed to run the engine (see its log above): check "
                                 "GPU memory with nvidia-smi, or rebuild the engine")
-        logits = self._last_logits(batch, seq)
+        logits = self._tail_logits(batch, seq, tail)
         cache.flip ^= 1
         return logits
 
@@ -266,10 +267,10 @@ class TrtBackend(Backend):
             raise BundleError(f"the engine refuses shape {shape} for {name}, which its manifest "
                               "entry allows: rebuild the engine with `llama-export trt`")
 
-    def _last_logits(self, batch: int, seq: int) -> np.ndarray:
+    def _tail_logits(self, batch: int, seq: int, tail: int) -> np.ndarray:
         cudart = self._cudart
-        offset, pitch, row, rows = self.io.last_logits_copy(batch, seq)
-        host = np.empty((batch, self.io.vocab), dtype=NP_DTYPES[self.io.logits_dtype])
+        offset, pitch, row, rows = self.io.tail_logits_copy(batch, seq, tail)
+        host = np.empty((batch, tail, self.io.vocab), dtype=NP_DTYPES[self.io.logits_dtype])
         src = self._static.ptr + self._layout["logits"][0] + offset
         cuda_call(cudart, cudart.cudaMemcpy2DAsync(
             host.ctypes.data, row, src, pitch, row, rows,
