@@ -117,6 +117,7 @@ def torch_runner(source: str | None, prompt: list[int], gen_len: int,
                  threads: int) -> Callable[[], Timing]:
     import torch
 
+    from llama_export.exporter.hf_compat import forward_cached, new_cache
     from llama_export.exporter.reference import load_reference
 
     torch.set_num_threads(threads)
@@ -125,13 +126,12 @@ def torch_runner(source: str | None, prompt: list[int], gen_len: int,
 
     def run() -> Timing:
         with torch.inference_mode():
+            cache = new_cache(ref)
             t0 = time.perf_counter()
-            out = ref(input_ids=ids, use_cache=True)
+            tok = forward_cached(ref, ids, cache)[:, -1].argmax(-1, keepdim=True)
             t1 = time.perf_counter()
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(gen_len - 1):
-                out = ref(input_ids=tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                tok = forward_cached(ref, tok, cache)[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
         return len(prompt) / (t1 - t0), (gen_len - 1) / (t2 - t1)
 

@@ -49,15 +49,8 @@ def trt(bundle: str, precision: str | None, max_batch: int | None, max_prompt: i
     from pathlib import Path
 
     from llama_export.calibration.trt.compat import BuildOptions
-    from llama_export.runtime.errors import MissingDependencyError
+    from llama_export.calibration.trt.pipeline import TrtRequest, run_trt
     from llama_export.runtime.manifest import Manifest
-
-    try:
-        from llama_export.calibration.trt.pipeline import TrtRequest, run_trt
-    except ModuleNotFoundError as e:
-        if e.name != "onnx":
-            raise
-        raise MissingDependencyError("`llama-export trt` (module 'onnx' not found)", "gpu") from None
 
     if precision is None:
         precision = Manifest.load(bundle).default_variant()

@@ -27,6 +27,7 @@ import torch
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
+from .hf_compat import check_transformers
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN
@@ -75,6 +76,7 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
     """Export ``model`` (HF folder, .gguf, or None for the built-in SmolLM2) to bundle ``out``."""
     opts = options or ExportOptions()
     _check_options(opts)
+    check_transformers()  # before any work: a too-old transformers fails only at verification
     out = Path(out)
     if out.exists() and not opts.force:
         raise InputError(f"{out} already exists: pass --force to overwrite it, or choose another -o")

@@ -137,10 +137,9 @@ def _loader(mm: np.ndarray, begin: int, rows: int, row_bytes: int, dims: list[in
 
 def tokenizer_from_gguf(fields: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
     """``({file name: bytes}, tokenizer info)`` for the bundle, built from GGUF metadata."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
+    from .hf_compat import gguf_tokenizer_api
+
+    GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer = gguf_tokenizer_api()
 
     tokens = fields.get("tokenizer.ggml.tokens")
     if not tokens:

@@ -19,8 +19,11 @@ from .sources import builtin_gguf_path, load_source
 def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | None = None) -> Any:
     """transformers ``LlamaForCausalLM`` in fp32, eval mode, eager attention."""
     import torch
-    import transformers
     from transformers.utils import logging as hf_logging
+
+    from .hf_compat import check_transformers
+
+    transformers = check_transformers()
 
     hf_logging.set_verbosity_error()
     path = builtin_gguf_path() if model is None else Path(model)
@@ -46,11 +49,11 @@ def reference_from_state_dict(config: LlamaConfig, state_dict: dict[str, Any]) -
     transformers would double the export time). The independent load path is covered by
     ``load_reference`` in the tests.
     """
-    import transformers
+    from .hf_compat import check_transformers, no_init_weights
 
+    transformers = check_transformers()
     hf_cfg = transformers.LlamaConfig(**config.to_hf_dict())
     hf_cfg._attn_implementation = "eager"
-    from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is overwritten below; random init would cost seconds
         ref = transformers.LlamaForCausalLM(hf_cfg)

@@ -138,16 +138,16 @@ def torch_runner(source: str | None, prompt: Sequence[int], opts: BenchOptions,
                 loaded[0].set_num_threads(threads)
             reference = importlib.import_module("llama_export.exporter.reference")
             loaded.append(reference.load_reference(source))
-        torch, ref = loaded
+            loaded.append(importlib.import_module("llama_export.exporter.hf_compat"))
+        torch, ref, hf = loaded
         ids = torch.tensor([list(prompt)] * opts.batch, dtype=torch.long)
         with torch.inference_mode():
+            cache = hf.new_cache(ref)
             t0 = time.perf_counter()
-            out = ref(input_ids=ids, use_cache=True)
+            tok = hf.forward_cached(ref, ids, cache)[:, -1].argmax(-1, keepdim=True)
             t1 = time.perf_counter()
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(opts.gen_len - 1):
-                out = ref(input_ids=tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                tok = hf.forward_cached(ref, tok, cache)[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
         return {"prefill_tok_s": ids.numel() / (t1 - t0),
                 "decode_tok_s": opts.batch * (opts.gen_len - 1) / (t2 - t1)}

@@ -8,6 +8,7 @@ command modules by string only, so the runtime package never imports exporter/ca
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from dataclasses import dataclass
@@ -58,6 +59,32 @@ def _missing_command(name: str, entry: _Entry, missing: str) -> click.Command:
     return _cmd
 
 
+def _guarded(cmd: click.Command, entry: _Entry) -> click.Command:
+    """``cmd`` whose body turns a missing optional module into the one-line extra to install.
+
+    Command modules import their heavy dependencies inside the body (``--help`` stays fast), so
+    a missing extra shows up only when the command runs.
+    """
+    callback = cmd.callback
+    if callback is None or getattr(callback, "_guarded", False):
+        return cmd
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            root = (e.name or "").split(".")[0]
+            if root not in _OPTIONAL:
+                raise
+            raise MissingDependencyError(f"`llama-export {cmd.name}` (module '{root}' not "
+                                         "found)", entry.extra) from None
+
+    run._guarded = True  # type: ignore[attr-defined]
+    cmd.callback = run
+    return cmd
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -74,7 +101,7 @@ class LazyGroup(click.Group):
                 return _missing_command(cmd_name, entry, root)
             raise
         cmd: click.Command = getattr(module, entry.attr)
-        return cmd
+        return _guarded(cmd, entry)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help from the table: listing commands must not import them.
