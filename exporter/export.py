@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entrie
 from .hf_compat import check_transformers
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
-from .ort_ops import CONTRIB_OPS, MS_DOMAIN
+from .ort_ops import CONTRIB_OPS, MS_DOMAIN, ort_graph_unsupported
 from .sources import Progress, Source, load_source
 
 TWO_GB = 2 * 1024**3
@@ -82,11 +82,17 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
         raise InputError(f"{out} already exists: pass --force to overwrite it, or choose another -o")
     t0 = time.perf_counter()
     src = load_source(model, progress)
+    skipped = ort_graph_unsupported(src.config.head_dim) if opts.ort_graph else None
+    if skipped:
+        progress(f"skipping the ONNX-Runtime graph: {skipped} (the standard graph is complete)")
+        opts = replace(opts, ort_graph=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         manifest = _build(src, tmp, opts, progress)
+        if skipped:
+            manifest.data["variants"][opts.dtype]["ort_graph_skipped"] = skipped
         if opts.verify:
             from .reference import reference_from_state_dict
             from .verify import verify_bundle

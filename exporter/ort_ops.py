@@ -45,6 +45,15 @@ from torch import Tensor
 
 MS_DOMAIN = "com.microsoft"
 CONTRIB_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+GQA_HEAD_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes
+
+
+def ort_graph_unsupported(head_dim: int) -> str | None:
+    """Why this model cannot have the ``ort`` graph (None: it can)."""
+    if head_dim % GQA_HEAD_MULTIPLE:
+        return (f"head_dim {head_dim} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX "
+                "Runtime's GroupQueryAttention requires")
+    return None
 
 
 def _rope_slots(x: Tensor, cos_cache: Tensor, sin_cache: Tensor, start: int) -> Tensor:

@@ -9,6 +9,8 @@ reference's greedy tokens (teacher forcing), so one early disagreement cannot sn
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,14 +110,16 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     variant = variant or manifest.default_variant()
     progress(f"verifying {variant} ({graph} graph) against transformers LlamaForCausalLM "
              "(ONNX Runtime CPU)")
-    ours = _OrtStepper(bundle, manifest, variant, graph)  # fails fast on a missing graph
+    with _ort_failures(variant, graph):
+        ours = _OrtStepper(bundle, manifest, variant, graph)  # fails fast on a missing graph
     if reference is None:
         from .reference import load_reference
         reference = load_reference(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few short sequences: one thread is faster than two that spin
     try:
-        report = _compare(ours, reference, bundle, manifest, variant, graph, steps)
+        with _ort_failures(variant, graph):
+            report = _compare(ours, reference, bundle, manifest, variant, graph, steps)
     finally:
         torch.set_num_threads(threads)
     progress("parity " + report.summary())
@@ -124,6 +128,21 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
                           "the PyTorch original; re-export with --no-verify only to debug, and "
                           "report the model config")
     return report
+
+
+@contextmanager
+def _ort_failures(variant: str, graph: str) -> Iterator[None]:
+    """ONNX Runtime's own exception types (not RuntimeError) as one ParityError line."""
+    try:
+        yield
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fix = ("re-export with --no-ort-graph (the standard graph does not need it)"
+               if graph == "ort" else "report the model config")
+        raise ParityError(f"ONNX Runtime cannot run the {variant} variant's {graph} graph "
+                          f"({first}): {fix}") from None
 
 
 def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest, variant: str,
