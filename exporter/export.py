@@ -28,6 +28,7 @@ from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
 from .hf_compat import check_transformers
+from .hf_files import hf_config_files
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN, ort_graph_unsupported
@@ -145,10 +146,12 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     progress("saving ONNX")
     data_file = tidy_onnx_graphs([(raw_dir / f, tmp / f) for f in files.values()], TWO_GB)
     shutil.rmtree(raw_dir)
-    for name, blob in src.tokenizer_files.items():
+    side_files = {**src.tokenizer_files,
+                  **hf_config_files(src.config, src.tokenizer_info, opts.dtype)}
+    for name, blob in side_files.items():
         (tmp / name).write_bytes(blob)
     manifest = Manifest(_manifest_dict(src, opts, max_seq, files, data_file))
-    for rel in [*files.values(), data_file, *src.tokenizer_files]:
+    for rel in [*files.values(), data_file, *side_files]:
         if rel:
             manifest.record_file(tmp, rel)
     return manifest
