@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint bench setup clean
+.PHONY: demo test test-slow lint typecheck compat bench setup clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,20 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+# mypy strict for runtime/ and calibration/ under their installed names (see pyproject [tool.mypy]).
+typecheck: $(STAMP)
+	mkdir -p build/typecheck/llama_export
+	touch build/typecheck/llama_export/__init__.py
+	for p in exporter runtime calibration; do ln -sfn ../../../$$p build/typecheck/llama_export/$$p; done
+	$(BIN)/mypy -p llama_export.runtime -p llama_export.calibration
+
+# transformers 4.57 / 4.57.6 / newest 5.x in their own venvs + Optimum interop (.ci/run runs it).
+compat:
+	bash .ci/transformers-matrix
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" -s

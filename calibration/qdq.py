@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .graph import GraphIndex, fresh_name, set_initializer
-from .quant import QMAX, quantize_weight
+from .quant import QMAX, quantize_blocked, quantize_weight
 from .smoothquant import GroupPlan, Tensors, weight_slot
 
 
@@ -56,8 +56,6 @@ def insert_w8a8(model: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors
     in blocks of this size along K (weight-only, opset 21; ONNX Runtime runs them as 8-bit
     MatMulNBits) instead of float weights. None: they stay entirely float.
     """
-    from .weight_only import quantize_blocked  # weight_only imports this module
-
     skip = set(exclude)
     idx = tensors.idx
     ins = NodeInserter(model)

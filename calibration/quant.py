@@ -93,3 +93,27 @@ def matmul_error(x: np.ndarray, weights: list[np.ndarray],
         den += float(np.sum(ref**2))
         count += ref.size
     return float(np.sqrt(num / max(den, _TINY))), float(np.sqrt(num / max(count, 1)))
+
+
+BLOCK_QMAX = {4: 7.0, 8: 127.0}
+
+
+def quantize_blocked(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blocked quantization along K: ``(q (K, N) int8 holding int4/int8, scale)``."""
+    k, n = w.shape
+    nb = -(-k // block)
+    pad = np.zeros((nb * block, n), dtype=np.float32)
+    pad[:k] = w
+    blocks = pad.reshape(nb, block, n)
+    qmax = BLOCK_QMAX[bits]
+    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-12) / qmax         # (nb, N)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    return q.reshape(nb * block, n)[:k].astype(np.int8), scale.astype(np.float32)
+
+
+def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block: int,
+                       zero_point: np.ndarray | None = None) -> np.ndarray:
+    zp = 0 if zero_point is None else np.repeat(zero_point.astype(np.float32), block,
+                                                axis=0)[: q.shape[0]]
+    out: np.ndarray = (q.astype(np.float32) - zp) * np.repeat(scale, block, axis=0)[: q.shape[0]]
+    return out

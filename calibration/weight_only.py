@@ -38,33 +38,10 @@ from .graph import (
     set_initializer,
 )
 from .qdq import NodeInserter, prune_initializers, weight_dq
+from .quant import quantize_blocked
 
 BLOCK_OPSET = 21
 BLOCK_SIZES = (32, 64, 128)
-QMAX = {4: 7.0, 8: 127.0}
-
-
-def quantize_blocked(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric blocked quantization along K: ``(q (K, N) int8 holding int4/int8, scale)``."""
-    k, n = w.shape
-    nb = -(-k // block)
-    pad = np.zeros((nb * block, n), dtype=np.float32)
-    pad[:k] = w
-    blocks = pad.reshape(nb, block, n)
-    qmax = QMAX[bits]
-    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-12) / qmax         # (nb, N)
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
-    return q.reshape(nb * block, n)[:k].astype(np.int8), scale.astype(np.float32)
-
-
-def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block: int,
-                       zero_point: np.ndarray | None = None) -> np.ndarray:
-    zp = 0 if zero_point is None else np.repeat(zero_point.astype(np.float32), block,
-                                                axis=0)[: q.shape[0]]
-    out: np.ndarray = (q.astype(np.float32) - zp) * np.repeat(scale, block, axis=0)[: q.shape[0]]
-    return out
-
-
 SCALE_GRID = np.linspace(0.85, 1.1, 11)
 
 

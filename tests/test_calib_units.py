@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama_export.calibration.quant import activation_amax, entropy_amax, fake_quant, quantize_weight
+from llama_export.calibration.quant import (
+    activation_amax,
+    dequantize_blocked,
+    entropy_amax,
+    fake_quant,
+    quantize_blocked,
+    quantize_weight,
+)
 from llama_export.calibration.smoothquant import smoothing_factors
 from llama_export.calibration.trt_cache import format_cache, hex_to_scale, parse_cache
-from llama_export.calibration.weight_only import dequantize_blocked, quantize_blocked
 from llama_export.runtime.errors import CalibrationError
 
 
