@@ -2,6 +2,10 @@
 
     python benchmarks/compare_peers.py [--bundle build/smollm2] [--genai fp32,int4] \
         [--prompt-len 128 --gen-len 128 --runs 3 --threads 2] [--json]
+    python benchmarks/compare_peers.py --rss --variants fp32,int8,int4 --genai fp32,int8,int4
+
+``--rss``: peak RSS of each engine in a fresh process of its own (a process's high-water mark
+cannot be split between engines sharing it), rounds interleaved, medians, tok/s beside it.
 
 Same model weights, same prompt token ids, greedy, batch 1. Engines are measured *interleaved*
 (round r runs every engine once) and reported as medians over the measured rounds after one
@@ -138,6 +142,50 @@ def torch_runner(source: str | None, prompt: list[int], gen_len: int,
     return run
 
 
+# ---- peak RSS: one fresh process per engine and round ---------------------------------------
+def child_run(engine: str, a: argparse.Namespace) -> None:
+    """``--child ours:int8`` / ``genai:int4``: load, generate once, print JSON (peak RSS, tok/s).
+
+    Peak RSS is a process's high-water mark, so each engine is measured in its own process:
+    what a user running that one model would see (weights, session, KV cache, tokenizer).
+    """
+    import resource
+
+    from llama_export.runtime import load_bundle
+    from llama_export.runtime.bench import synthetic_prompt
+
+    kind, precision = engine.split(":")
+    with load_bundle(a.bundle, verify=False) as m:
+        prompt = synthetic_prompt(m, a.prompt_len)
+    if kind == "ours":
+        run = ours_runner(a.bundle, precision, prompt, a.gen_len, a.threads)
+    else:
+        run = genai_runner(a.work / f"genai-{precision}", prompt, a.gen_len)
+    pre, dec = run()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": rss, "prefill_tok_s": pre, "decode_tok_s": dec}))
+
+
+def rss_table(engines: list[str], a: argparse.Namespace) -> str:
+    """Interleaved rounds of one child process per engine; medians."""
+    rows: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    base = [sys.executable, __file__, "--bundle", str(a.bundle), "--work", str(a.work),
+            "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
+            "--threads", str(a.threads)]
+    for r in range(a.runs):
+        for e in engines:
+            out = subprocess.run([*base, "--child", e], check=True, capture_output=True,
+                                 text=True).stdout
+            rows[e].append(json.loads(out.strip().splitlines()[-1]))
+            log(f"round {r + 1}/{a.runs} {e:12s} peak RSS {rows[e][-1]['peak_rss_mb']:7.0f} MB"
+                f"  decode {rows[e][-1]['decode_tok_s']:6.1f} tok/s")
+    lines = [f"{'engine':14s} {'peak RSS MB':>12s} {'decode tok/s':>13s}"]
+    for e, rs in rows.items():
+        lines.append(f"{e:14s} {statistics.median(x['peak_rss_mb'] for x in rs):12.0f} "
+                     f"{statistics.median(x['decode_tok_s'] for x in rs):13.1f}")
+    return "\n".join(lines)
+
+
 # ---- measurement ---------------------------------------------------------------------------
 def interleave(runners: dict[str, Callable[[], Timing]], runs: int) -> dict[str, list[Timing]]:
     results: dict[str, list[Timing]] = {name: [] for name in runners}
@@ -180,7 +228,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rss", action="store_true",
+                    help="peak RSS per engine instead: one process per engine and round")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        child_run(a.child, a)
+        return
 
     from llama_export.runtime import load_bundle
     from llama_export.runtime.bench import synthetic_prompt
@@ -189,7 +243,7 @@ def main() -> None:
     with load_bundle(bundle, verify=False) as m:
         prompt = synthetic_prompt(m, a.prompt_len)
     runners: dict[str, Callable[[], Timing]] = {}
-    for v in filter(None, a.variants.split(",")):
+    for v in filter(None, [] if a.rss else a.variants.split(",")):
         runners[f"ours-{v}"] = ours_runner(bundle, v, prompt, a.gen_len, a.threads)
         if a.with_no_spin:
             runners[f"ours-{v}-nospin"] = ours_runner(bundle, v, prompt, a.gen_len, a.threads,
@@ -199,7 +253,15 @@ def main() -> None:
         hf = ensure_hf_folder(a.work / "hf", a.source, bundle)
         for p in precisions:
             model_dir = ensure_genai_model(hf, a.work / f"genai-{p}", p, a.threads)
-            runners[f"genai-{p}"] = genai_runner(model_dir, prompt, a.gen_len)
+            if not a.rss:
+                runners[f"genai-{p}"] = genai_runner(model_dir, prompt, a.gen_len)
+    if a.rss:  # pairs ours-v / genai-v side by side
+        variants = [v for v in a.variants.split(",") if v]
+        engines: list[str] = []
+        for v in dict.fromkeys([*variants, *precisions]):
+            engines += [f"ours:{v}"] * (v in variants) + [f"genai:{v}"] * (v in precisions)
+        print(rss_table(engines, a))
+        return
     if not a.no_torch:
         runners["torch-eager"] = torch_runner(a.source, prompt, a.gen_len, a.threads)
     log(f"prompt {len(prompt)} tokens, {a.gen_len} new, {a.threads} threads, "

@@ -61,10 +61,13 @@ class Gate:
 def segment_logits(model: onnx.ModelProto, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
     """Per-segment logits ``(seq, vocab)`` from one prefill each."""
+    half = any(v.name.startswith("past_key_values.") and
+               v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in model.graph.input)
+    past = {k: v.astype(np.float16 if half else np.float32) for k, v in empty_past(manifest).items()}
     with ort_session(model) as sess:
         out = []
         for seg in segments:
-            logits = sess.run(["logits"], prefill_feed(seg, empty_past(manifest)))[0]  # type: ignore[attr-defined]
+            logits = sess.run(["logits"], prefill_feed(seg, past))[0]  # type: ignore[attr-defined]
             if logits.shape[1] != len(seg):
                 raise CalibrationError(
                     "the fp32 variant returns last-position logits only: re-export the bundle "

@@ -30,7 +30,7 @@ def _alpha(value: str) -> float | str | None:
 
 def _print_report(name: str, entry: dict[str, Any]) -> None:
     acc = entry["accuracy"]
-    q = entry["quantization"]
+    q = entry.get("quantization")
     click.echo(f"{name}: {entry['file']} ({entry['scheme']})")
     click.echo(f"  perplexity  fp32 {acc['ppl_fp32']:.3f}  {name} {acc['ppl']:.3f}  "
                f"({100 * (acc['ppl_ratio'] - 1):+.2f}%)")
@@ -42,6 +42,8 @@ def _print_report(name: str, entry: dict[str, Any]) -> None:
         click.echo(f"  ONNX-Runtime graph ({ort['file']}): perplexity "
                    f"{100 * (a['ppl_ratio'] - 1):+.2f}%, top-1 agreement "
                    f"{100 * a['top1_agreement']:.1f}%, mean KL {a['mean_kl']:.4f}")
+    if q is None:  # fp16: a conversion, nothing quantized
+        return
     kept = "kept out of W8A8" if "excluded_weights" in q else "kept float"
     if q.get("excluded_weights", "float") != "float":
         kept += f" ({q['excluded_weights']})"
@@ -127,6 +129,9 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--int4", "bits", flag_value=4, default=True, help="INT4 weights (default).")
 @click.option("--int8", "bits", flag_value=8, help="INT8 weight-only (variant 'int8wo').")
+@click.option("--fp16", "bits", flag_value=16,
+              help="fp16 variant converted from the fp32 graphs, no torch (norms, softmax and "
+                   "RoPE angles kept fp32); --block-size/--format/--lm-head do not apply.")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32",
               show_default=True)
 @click.option("--lm-head/--no-lm-head", default=True, show_default=True,
@@ -144,9 +149,17 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
 def quantize(bundle: Path, bits: int, block_size: str, lm_head: bool, fmt: str,
              lm_head_bits: str, mixed: bool, eval_data: Path | None, eval_samples: int,
              min_top1: float | None, max_ppl_increase: float | None) -> None:
-    """Write a weight-only INT4 / INT8 variant of BUNDLE (no calibration data needed)."""
+    """Write a weight-only INT4 / INT8 variant (or fp16) of BUNDLE (no calibration data)."""
     from .pipeline import QuantizeOptions
     from .pipeline import quantize as run
+
+    if bits == 16:
+        from .fp16 import FP16_GATE, make_fp16
+
+        g = (FP16_GATE.max_ppl_increase, FP16_GATE.min_top1)
+        _print_report("fp16", make_fp16(bundle, _eval(eval_data, eval_samples, min_top1,
+                                                      max_ppl_increase, g)))
+        return
 
     opts = QuantizeOptions(bits=bits, block_size=int(block_size), lm_head=lm_head, mixed=mixed,
                            fmt=fmt, lm_head_bits=int(lm_head_bits),

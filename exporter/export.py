@@ -34,7 +34,6 @@ from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN, ort_graph_unsupported
 from .sources import Progress, Source, load_source
 
-TWO_GB = 2 * 1024**3
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
 ORT_GRAPH_FILES = {"fp32": "model.ort.onnx", "fp16": "model.fp16.ort.onnx"}
 
@@ -144,7 +143,7 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
         _trace(module, raw_dir / file, opts.opset, dtype)
         del module
     progress("saving ONNX")
-    data_file = tidy_onnx_graphs([(raw_dir / f, tmp / f) for f in files.values()], TWO_GB)
+    data_file = tidy_onnx_graphs([(raw_dir / f, tmp / f) for f in files.values()])
     shutil.rmtree(raw_dir)
     side_files = {**src.tokenizer_files,
                   **hf_config_files(src.config, src.tokenizer_info, opts.dtype)}

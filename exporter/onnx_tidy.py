@@ -2,9 +2,8 @@
 
 The TorchScript exporter names pre-transposed Linear weights ``onnx::MatMul_123``; we rename them
 after the node that consumes them (``model.layers.0.self_attn.q_proj.weight_t``) so calibration,
-reports and humans can find them. Past 2 GB the protobuf limit forces external data: everything
-goes into one ``<file>.data`` beside the model, referenced by a relative path so the bundle loads
-from any working directory.
+reports and humans can find them. Every weight goes into one ``<file>.data`` beside the model
+(page-aligned, referenced by a relative path so the bundle loads from any working directory).
 
 Several graphs of one variant (the standard graph and the ONNX-Runtime graph) share one data
 file: a weight both hold (everything but the packed QKV) is stored once. SmolLM2 fp32: two
@@ -60,10 +59,10 @@ def rename_matmul_weights(model: onnx.ModelProto) -> int:
     return len(renames)
 
 
-def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int) -> str | None:
-    """Tidy each ``(src, dst)``. One graph under ``external_threshold`` is saved inline (None is
-    returned); otherwise all weights go into one shared ``<first dst>.data`` (its name returned).
-    """
+def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]]) -> str:
+    """Tidy each ``(src, dst)``; all weights go into one shared ``<first dst>.data`` (its name
+    returned), whatever the size: weights inside the protobuf would cost twice their size in
+    RAM when ONNX Runtime loads the graph."""
     models = []
     for src, _ in pairs:
         model = onnx.load(str(src), load_external_data=True)
@@ -71,10 +70,6 @@ def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         model.producer_name = "llama-export"
         models.append(model)
-    size = sum(len(t.raw_data) for t in models[0].graph.initializer)
-    if len(pairs) == 1 and size < external_threshold:
-        onnx.save_model(models[0], str(pairs[0][1]))
-        return None
     data_name = pairs[0][1].name + ".data"
     _externalize_shared(models, pairs[0][1].parent / data_name, data_name)
     for model, (_, dst) in zip(models, pairs, strict=True):

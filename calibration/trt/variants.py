@@ -1,9 +1,8 @@
 """Make the ONNX variant a precision needs when the bundle lacks it (the one-command path).
 
     --fp32   the exported graph; never made here
-    --fp16   not made here: the exporter writes fp16 graphs (norms and softmax kept in fp32) and
-             calibration must not import the exporter; a cast-inserting fp32->fp16 rewrite would
-             be a second, less tested fp16 path. The error names the export command instead.
+    --fp16   `llama-export quantize BUNDLE --fp16` (converted from the fp32 ONNX graphs, no torch;
+             norms, softmax and RoPE angles kept fp32 as the exporter does)
     --int8   `llama-export calibrate BUNDLE` (SmoothQuant W8A8 Q/DQ, built-in calibration text)
     --int4   `llama-export quantize BUNDLE --int4` (weight-only blocked INT4, no data needed)
 
@@ -21,7 +20,8 @@ from llama_export.runtime.manifest import Manifest
 
 VariantMaker = Callable[[Path], None]
 
-HOW = {"int8": "`llama-export calibrate` with the built-in calibration text",
+HOW = {"fp16": "`llama-export quantize --fp16` (converted from the fp32 graphs, no torch)",
+       "int8": "`llama-export calibrate` with the built-in calibration text",
        "int4": "`llama-export quantize --int4` (weight-only, no calibration data)"}
 
 
@@ -40,17 +40,16 @@ def quantize_int4(bundle: Path) -> None:
     _run_click("llama_export.calibration.commands", "quantize", [str(bundle), "--int4"])
 
 
-DEFAULT_MAKERS: dict[str, VariantMaker] = {"int8": calibrate_int8, "int4": quantize_int4}
+def convert_fp16(bundle: Path) -> None:
+    _run_click("llama_export.calibration.commands", "quantize", [str(bundle), "--fp16"])
+
+
+DEFAULT_MAKERS: dict[str, VariantMaker] = {"fp16": convert_fp16, "int8": calibrate_int8,
+                                           "int4": quantize_int4}
 
 
 def missing_variant_error(bundle: Path, manifest: Manifest, precision: str) -> BundleError:
     have = ", ".join(sorted(manifest.variants)) or "none"
-    if precision == "fp16":
-        source = manifest.data.get("provenance", {}).get("source") or "MODEL"
-        return BundleError(
-            f"bundle has no fp16 variant (has: {have}): export one with `llama-export onnx "
-            f"{source} --dtype fp16 -o {bundle}-fp16` and build from that bundle, or use "
-            "--fp32 / --int8 / --int4 here")
     return BundleError(f"bundle has no {precision} variant (has: {have}): "
                        f"re-export the bundle with `llama-export onnx`")
 
