@@ -36,6 +36,10 @@ def _print_report(name: str, entry: dict[str, Any]) -> None:
                f"({100 * (acc['ppl_ratio'] - 1):+.2f}%)")
     click.echo(f"  top-1 agreement {100 * acc['top1_agreement']:.1f}%  mean KL "
                f"{acc['mean_kl']:.4f}  ({acc['tokens']} held-out tokens, {acc['data']})")
+    for genre, a in acc.get("genres", {}).items():
+        click.echo(f"    {genre:10s} perplexity {100 * (a['ppl_ratio'] - 1):+.2f}%  top-1 "
+                   f"{100 * a['top1_agreement']:.1f}%  mean KL {a['mean_kl']:.4f}  "
+                   f"({a['tokens']} tokens)")
     ort = entry.get("ort_graph") or {}
     if "accuracy" in ort:
         a = ort["accuracy"]

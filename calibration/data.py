@@ -22,6 +22,9 @@ from llama_export.runtime.tokenizer import Tokenizer
 
 BUILTIN_CALIBRATION = "calibration.txt"
 BUILTIN_HELDOUT = "heldout.txt"
+# Held-out text per genre, each gated on its own (written for the project, like the rest).
+HELDOUT_GENRES = {"prose": BUILTIN_HELDOUT, "dialogue": "heldout-dialogue.txt",
+                  "code": "heldout-code.txt", "technical": "heldout-technical.txt"}
 Feed = dict[str, np.ndarray]
 
 
@@ -78,17 +81,21 @@ def _jsonl_text(raw: str, p: Path) -> str:
 
 def token_segments(source: TextSource, tokenizer: Tokenizer, *, samples: int,
                    seq_len: int) -> np.ndarray:
-    """Up to ``samples`` non-overlapping segments, shape ``(n, seq_len)`` int64."""
+    """Up to ``samples`` non-overlapping segments, shape ``(n, seq_len)`` int64, spread evenly
+    over the whole text (a mixed-genre text is sampled in every genre, not only its start)."""
     if samples < 1 or seq_len < 8:
         raise InputError(f"--samples {samples} / --seq-len {seq_len}: use samples >= 1, "
                          "seq-len >= 8")
     ids = np.asarray(tokenizer.encode(source.text, add_special_tokens=False), dtype=np.int64)
-    n = min(samples, len(ids) // seq_len)
+    available = len(ids) // seq_len
+    n = min(samples, available)
     if n == 0:
         raise CalibrationError(
             f"calibration data {source.origin} is too short: {len(ids)} tokens, need at least "
             f"--seq-len {seq_len}; add more text or lower --seq-len")
-    return ids[: n * seq_len].reshape(n, seq_len)
+    picks = np.linspace(0, available - 1, n).round().astype(np.int64)
+    segments: np.ndarray = ids[: available * seq_len].reshape(available, seq_len)[picks]
+    return segments
 
 
 def empty_past(manifest: Manifest, variant: str = "fp32") -> Feed:

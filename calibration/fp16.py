@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from llama_export.runtime.errors import CalibrationError
 from llama_export.runtime.tokenizer import Tokenizer
 
-from .accuracy import Accuracy, Gate
+from .accuracy import Gate, GenreAccuracy
 from .bundle_io import (
     base_entry,
     load_fp32,
@@ -233,7 +233,7 @@ def make_fp16(bundle: Path, ev_opts: EvalOptions | None = None) -> dict[str, Any
     return entry
 
 
-def _refuse_if_failing(name: str, acc: Accuracy, gate: Gate) -> None:
+def _refuse_if_failing(name: str, acc: GenreAccuracy, gate: Gate) -> None:
     failures = gate.failures(acc)
     if failures:
         raise CalibrationError(

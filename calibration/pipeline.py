@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from llama_export.runtime.errors import CalibrationError, InputError
 from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.tokenizer import Tokenizer
 
-from .accuracy import Accuracy, Gate, compare, segment_logits
+from .accuracy import Gate, GenreAccuracy, compare, segment_logits
 from .bundle_io import (
     base_entry,
     load_fp32,
@@ -31,7 +32,7 @@ from .bundle_io import (
     write_variant,
 )
 from .collect import collect_stats
-from .data import BUILTIN_HELDOUT, TextSource, load_text, token_segments
+from .data import HELDOUT_GENRES, TextSource, builtin_text, load_text, token_segments
 from .graph import GraphIndex, find_groups, find_projections
 from .qdq import insert_w8a8
 from .quant import METHODS, Method
@@ -104,19 +105,19 @@ def check_options(opts: CalibrateOptions) -> None:
 
 @dataclass
 class Evaluator:
-    """fp32 reference logits computed once; scores candidate graphs against them."""
+    """fp32 reference logits computed once per genre; scores candidate graphs against them."""
 
     manifest: Manifest
-    segments: Any
-    ref: list[Any] = field(default_factory=list)
+    segments: dict[str, Any]  # genre -> (n, seq_len) token segments
+    ref: dict[str, list[Any]] = field(default_factory=dict)
 
     def start(self, fp32: onnx.ModelProto) -> Evaluator:
-        self.ref = segment_logits(fp32, self.manifest, self.segments)
+        self.ref = {g: segment_logits(fp32, self.manifest, s) for g, s in self.segments.items()}
         return self
 
-    def score(self, model: onnx.ModelProto) -> Accuracy:
-        return compare(self.ref, segment_logits(model, self.manifest, self.segments),
-                       self.segments)
+    def score(self, model: onnx.ModelProto) -> GenreAccuracy:
+        return GenreAccuracy({g: compare(self.ref[g], segment_logits(model, self.manifest, s), s)
+                              for g, s in self.segments.items()})
 
 
 def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
@@ -185,23 +186,34 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
 
 
 def split_validation(segments: Any) -> tuple[Any, Any]:
-    """A quarter of the calibration segments (at least one) is kept out of the range fit and
-    used to choose how many projections stay float. Measured on SmolLM2: validating on the fit
-    segments themselves was optimistic (KL 0.016 there vs 0.074 on held-out text) because
-    activations beyond the fitted ranges are clipped only on unseen text."""
+    """A quarter of the calibration segments (at least one, spread over the text) is kept out
+    of the range fit and used to choose how many projections stay float. Measured on SmolLM2:
+    validating on the fit segments themselves was optimistic (KL 0.016 there vs 0.074 on
+    held-out text) because activations beyond the fitted ranges are clipped only on unseen
+    text."""
     if len(segments) < 2:
         return segments, segments
-    n_val = max(1, len(segments) // 4)
-    return segments[:-n_val], segments[-n_val:]
+    val = np.zeros(len(segments), dtype=bool)
+    val[len(segments) - 1::-4] = True  # every 4th segment from the end: all genres take part
+    return segments[~val], segments[val]
 
 
 def eval_segments(tok: Tokenizer, ev: EvalOptions,
-                  calib: TextSource | None) -> tuple[Any, TextSource]:
-    src = load_text(ev.data, default=BUILTIN_HELDOUT)
-    if calib is not None and src.sha256 == calib.sha256:
-        raise InputError("the held-out text is the calibration text: pass a different "
-                         "--eval-data (accuracy must be measured on text not calibrated on)")
-    return token_segments(src, tok, samples=ev.samples, seq_len=ev.seq_len), src
+                  calib: TextSource | None) -> tuple[dict[str, Any], TextSource]:
+    """Held-out segments per genre (``samples`` each) and one source describing them all:
+    the built-in genres (:data:`HELDOUT_GENRES`), or ``--eval-data`` as one genre."""
+    sources = ({"eval-data": load_text(ev.data)} if ev.data is not None else
+               {g: builtin_text(f) for g, f in HELDOUT_GENRES.items()})
+    for src in sources.values():
+        if calib is not None and src.sha256 == calib.sha256:
+            raise InputError("the held-out text is the calibration text: pass a different "
+                             "--eval-data (accuracy must be measured on text not calibrated on)")
+    segments = {g: token_segments(src, tok, samples=ev.samples, seq_len=ev.seq_len)
+                for g, src in sources.items()}
+    if len(sources) == 1:
+        return segments, next(iter(sources.values()))
+    digest = hashlib.sha256("".join(s.sha256 for s in sources.values()).encode()).hexdigest()
+    return segments, TextSource("", "builtin:" + ",".join(HELDOUT_GENRES.values()), digest)
 
 
 def matmul_tensors(model: onnx.ModelProto) -> list[str]:
@@ -260,7 +272,7 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
     ranked = sensitivity_order(plans)
     steps = [opts.keep_float] if opts.keep_float is not None else [
         k for k in KEEP_FLOAT_STEPS if k <= len(plans)]
-    val = Evaluator(manifest, segments).start(fp32)
+    val = Evaluator(manifest, {"calibration": segments}).start(fp32)
     model, exclude = fp32, []
     for k in steps:
         exclude = [p.label for g in ranked[:k] for p in g.group.projections]
@@ -274,7 +286,7 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
     return model, exclude
 
 
-def refuse_if_failing(acc: Accuracy, gate: Gate, opts: CalibrateOptions) -> None:
+def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions) -> None:
     failures = gate.failures(acc)
     if not failures:
         return
@@ -290,7 +302,7 @@ def refuse_if_failing(acc: Accuracy, gate: Gate, opts: CalibrateOptions) -> None
 
 
 def int8_entry(manifest: Manifest, model: onnx.ModelProto, plans: list[GroupPlan],
-               excluded: list[str], acc: Accuracy, opts: CalibrateOptions, text: TextSource,
+               excluded: list[str], acc: GenreAccuracy, opts: CalibrateOptions, text: TextSource,
                held: TextSource, n_segments: int) -> dict[str, Any]:
     alpha = opts.smoothquant
     scheme = "w8a8-qdq" if alpha is None else "w8a8-smoothquant-qdq"
@@ -395,7 +407,7 @@ def _weights_text(opts: QuantizeOptions) -> str:
 
 
 def gate_variant(name: str, ev: Evaluator, model: onnx.ModelProto,
-                 opts: QuantizeOptions) -> Accuracy:
+                 opts: QuantizeOptions) -> GenreAccuracy:
     """Held-out accuracy of a weight-only graph; refuse (nothing written) when it fails."""
     acc = ev.score(model)
     log(f"{name}: {acc.line()}")
