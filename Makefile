@@ -38,7 +38,7 @@ typecheck: $(STAMP)
 	for p in exporter runtime calibration; do ln -sfn ../../../$$p build/typecheck/llama_export/$$p; done
 	$(BIN)/mypy -p llama_export.runtime -p llama_export.calibration
 
-# transformers 4.57 / 4.57.6 / newest 5.x in their own venvs + Optimum interop (.ci/run runs it).
+# transformers 4.57 / 4.57.6 / 5.24 (newest installable 5.x) in their own venvs + Optimum interop (.ci/run runs it).
 compat:
 	bash .ci/transformers-matrix
 
