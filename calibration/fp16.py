@@ -64,7 +64,7 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
         if n.op_type in NON_FLOAT_OUT:
             continue
         if n.op_type == "Cast":
-            is_float = helper.get_attribute_value(n.attribute[0]) == FLOAT
+            is_float = any(a.name == "to" and a.i == FLOAT for a in n.attribute)
         elif n.op_type in ("Constant", "ConstantOfShape"):
             vals = [helper.get_attribute_value(a) for a in n.attribute if a.name == "value"]
             is_float = vals[0].data_type == FLOAT if vals else n.op_type == "ConstantOfShape"
