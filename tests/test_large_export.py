@@ -34,8 +34,8 @@ def test_export_over_2gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert v["data_file"] == "model.onnx.data"
     assert (bundle / "model.onnx.data").stat().st_size > 2 * 1024**3
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "manifest.json", "model.onnx", "model.onnx.data", "model.ort.onnx", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json", "generation_config.json", "manifest.json", "model.onnx",
+        "model.onnx.data", "model.ort.onnx", "tokenizer.json", "tokenizer_config.json"]
     assert v["parity"]["passed"] and v["parity"]["max_abs_err"] <= 1e-4
     assert v["ort_graph"]["parity"]["passed"] and v["ort_graph"]["parity"]["max_abs_err"] <= 1e-4
     m.verify_files(bundle)
