@@ -27,6 +27,7 @@ import torch
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
+from .config import LlamaConfig
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN
@@ -125,10 +126,10 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
     for flavor, file in files.items():
-        module = LlamaDecoder(cfg, last_logits_only=opts.logits == "last", flavor=flavor,  # type: ignore[arg-type]
-                              max_positions=max_seq)
-        module.load_state_dict(src.state_dict, strict=False)
-        _check_loaded(module, src)
+        _check_names(cfg, src)
+        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
+                                              last_logits_only=opts.logits == "last",
+                                              max_positions=max_seq)
         module = module.to(dtype).eval()
         progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
                  f"{flavor} graph)")
@@ -146,8 +147,10 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     return manifest
 
 
-def _check_loaded(module: LlamaDecoder, src: Source) -> None:
-    own = {k for k in module.state_dict() if k != "lm_head.weight" or not src.config.tie_word_embeddings}
+def _check_names(cfg: LlamaConfig, src: Source) -> None:
+    with torch.device("meta"):  # names only: no memory, no init
+        own = {k for k in LlamaDecoder(cfg).state_dict()
+               if k != "lm_head.weight" or not cfg.tie_word_embeddings}
     missing = own - set(src.state_dict)
     if missing:  # sources.py validated shapes; this guards against a name-mapping bug
         raise RuntimeError(f"state dict lacks {sorted(missing)[:3]}")
