@@ -86,6 +86,7 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         manifest = _build(src, tmp, opts, progress)
+        t_verify = time.perf_counter()
         if opts.verify:
             from .reference import reference_from_state_dict
             from .verify import verify_bundle
@@ -95,14 +96,26 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
                 report = verify_bundle(tmp, model, manifest=manifest, reference=ref,
                                        graph=graph, progress=progress)
                 (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
-        manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+        cost = {"export_seconds": round(t_verify - t0, 2),
+                "verify_seconds": round(time.perf_counter() - t_verify, 2),
+                "peak_rss_mb": round(peak_rss_mb())}
+        manifest.data["provenance"].update(cost)
         manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    progress(f"bundle written to {out}: export {cost['export_seconds']:.1f} s, verify "
+             f"{cost['verify_seconds']:.1f} s, peak RSS {cost['peak_rss_mb'] / 1024:.2f} GiB")
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

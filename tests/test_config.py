@@ -137,5 +137,5 @@ def test_unsupported_rope_scaling_wins_over_default_parameters() -> None:
     # rope_scaling: transformers would run the rope_scaling, so that is what must be judged.
     cfg = {**tiny_config("gqa"), "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
            "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-    with pytest.raises(UnsupportedModelError, match="^rope scaling type 'yarn' is not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"^rope scaling type 'yarn' is not supported"):
         config_from_hf(cfg)

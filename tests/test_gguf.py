@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from llama_export.exporter.export import ExportOptions, export_bundle
+from llama_export.exporter.kquants import K_QUANTS, quantize_k
 from llama_export.exporter.reference import load_reference
 from llama_export.exporter.sources import load_source
-from llama_export.exporter.kquants import K_QUANTS, quantize_k
 from llama_export.exporter.testing import GGUF_QUANTS, make_tiny_gguf
 from llama_export.exporter.verify import verify_bundle
-
 
 CASES = [("gqa", q) for q in GGUF_QUANTS] + [("qwen2_untied", q) for q in ("Q8_0", "Q4_K_M")]
 
