@@ -54,7 +54,8 @@ _T0 = time.perf_counter()
 
 
 def _stderr_progress(msg: str) -> None:
-    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s {peak_rss_mb() / 1024:5.1f} GiB peak] "
+          f"{msg}", file=sys.stderr, flush=True)
 
 
 def _check_options(opts: ExportOptions) -> None:

@@ -136,12 +136,17 @@ def _loader(mm: np.ndarray, begin: int, rows: int, row_bytes: int, dims: list[in
             dequantize: Callable[[np.ndarray, Any], np.ndarray]) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         raw = mm[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
+        out = np.empty((rows, dims[0]), dtype=np.float32)
+        # Row chunks of ~32 MB: gguf-py's temporaries are several times their input, which for
+        # a 150k-token embedding would otherwise cost GBs of transient memory.
+        step = max(1, (32 << 20) // (4 * dims[0]))
         try:
-            w = dequantize(raw, qtype)
+            for a in range(0, rows, step):
+                out[a:a + step] = dequantize(raw[a:a + step], qtype).reshape(-1, dims[0])
         except NotImplementedError:
             raise WeightsError(f"GGUF quant type {qtype.name} cannot be dequantized by the gguf "
                                "package: upgrade gguf or convert the file to another type") from None
-        return np.asarray(w, dtype=np.float32).reshape(tuple(reversed(dims)))
+        return out.reshape(tuple(reversed(dims)))
     return load
 
 

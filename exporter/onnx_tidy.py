@@ -14,11 +14,12 @@ graphs in 0.72 GB instead of 1.30 GB.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 # onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 by default (shared/DESIGN.md §9).
 MAX_IR_VERSION = 10
@@ -86,10 +87,23 @@ def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int
 
 def _load_tidy(src: Path) -> onnx.ModelProto:
     model = onnx.load(str(src), load_external_data=False)  # weights stay on disk until streamed
+    for t in _attribute_tensors(model):  # Constant nodes' values (RoPE tables): small, inline
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(src.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
     rename_matmul_weights(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     model.producer_name = "llama-export"
     return model
+
+
+def _attribute_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
 
 
 def _external(t: onnx.TensorProto) -> dict[str, str]:

@@ -303,7 +303,7 @@ def _load_gguf(path: Path, progress: Progress) -> Source:
                 w = unpermute_qk(w, config.num_heads)
             elif name.endswith("k_proj.weight"):
                 w = unpermute_qk(w, config.num_kv_heads)
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: GGUF is mmapped read-only
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))  # a fresh float32 array each
         if (i + 1) % 100 == 0:
             progress(f"dequantized {i + 1}/{len(names)} tensors")
     types = {n: tensors[g].qtype for g, n in names.items()}
