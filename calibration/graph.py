@@ -198,10 +198,21 @@ def fresh_name(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes as one protobuf (< 2 GB); protobuf itself refuses to even
+    size a larger message (``EncodeError``), which is the answer too."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() < PROTO_LIMIT
+    except EncodeError:
+        return False
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> str | None:
     """Save (external data ``<name>.data`` past the 2 GB protobuf limit); returns the data file."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    if model.ByteSize() < PROTO_LIMIT:
+    if fits_protobuf(model):
         onnx.save_model(model, str(path))
         return None
     data = path.name + ".data"
@@ -219,7 +230,7 @@ def ort_session(model: onnx.ModelProto, threads: int = 0) -> Iterator[object]:
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    if model.ByteSize() < PROTO_LIMIT:
+    if fits_protobuf(model):
         yield ort.InferenceSession(model.SerializeToString(), so,
                                    providers=["CPUExecutionProvider"])
         return
