@@ -236,5 +236,7 @@ def ort_session(model: onnx.ModelProto, threads: int = 0) -> Iterator[object]:
         return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.onnx"
-        save_model(model, path)
-        yield ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        save_model(model, path)  # moves the weights out of `model` into the temp data file...
+        sess = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        onnx.load_external_data_for_model(model, d)  # ...so put them back: callers keep using it
+        yield sess

@@ -139,8 +139,8 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
         files["ort"] = ORT_GRAPH_FILES[opts.dtype]
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
+    _check_names(cfg, src)
     for flavor, file in files.items():
-        _check_names(cfg, src)
         module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
                                               last_logits_only=opts.logits == "last",
                                               max_positions=max_seq)

@@ -200,3 +200,28 @@ def test_source_eight_bit_labels_follow_gguf_types() -> None:
              "model.layers.1.mlp.down_proj.weight": "Q4_1", "lm_head.weight": "Q8_0"}
     assert source_eight_bit_labels(labels, types) == [
         "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+
+
+def test_ort_session_past_2gb_keeps_the_callers_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 2 GB the session goes through a temp file with external data, which moves the
+    weights out of the in-memory model; the model must come back whole (calibration quantizes
+    it afterwards). The 2 GB test is faked: a 2 GB model here would cost minutes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llama_export.calibration import graph
+
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64) / 4096
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        initializer=[numpy_helper.from_array(w, "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    monkeypatch.setattr(graph, "fits_protobuf", lambda _: False)
+    x = np.ones((1, 64), dtype=np.float32)
+    with graph.ort_session(model) as sess:
+        y = sess.run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-6)
+    t = model.graph.initializer[0]
+    assert t.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(numpy_helper.to_array(t), w)

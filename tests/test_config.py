@@ -70,12 +70,18 @@ def test_missing_key_and_bad_heads() -> None:
         config_from_hf({**tiny_config("gqa"), "num_key_value_heads": 3})
 
 
+_GGUF_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
+              "attention.head_count", "attention.head_count_kv", "rope.freq_base",
+              "attention.layer_norm_rms_epsilon", "vocab_size")
+
+
+def _gguf_fields(arch: str, *values: float) -> dict:
+    return {"general.architecture": arch,
+            **{f"{arch}.{k}": v for k, v in zip(_GGUF_KEYS, values, strict=True)}}
+
+
 def test_gguf_metadata() -> None:
-    fields = {"general.architecture": "llama", "llama.block_count": 30,
-              "llama.context_length": 8192, "llama.embedding_length": 576,
-              "llama.feed_forward_length": 1536, "llama.attention.head_count": 9,
-              "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
-              "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 49152}
+    fields = _gguf_fields("llama", 30, 8192, 576, 1536, 9, 3, 100000.0, 1e-5, 49152)
     cfg = config_from_gguf(fields, has_output_weight=False)
     assert (cfg.num_layers, cfg.head_dim, cfg.num_kv_heads, cfg.tie_word_embeddings) == (30, 64, 3, True)
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gemma' is not supported"):
@@ -83,11 +89,7 @@ def test_gguf_metadata() -> None:
 
 
 def test_qwen2_gguf_metadata() -> None:
-    fields = {"general.architecture": "qwen2", "qwen2.block_count": 24,
-              "qwen2.context_length": 32768, "qwen2.embedding_length": 896,
-              "qwen2.feed_forward_length": 4864, "qwen2.attention.head_count": 14,
-              "qwen2.attention.head_count_kv": 2, "qwen2.rope.freq_base": 1000000.0,
-              "qwen2.attention.layer_norm_rms_epsilon": 1e-6, "qwen2.vocab_size": 151936}
+    fields = _gguf_fields("qwen2", 24, 32768, 896, 4864, 14, 2, 1000000.0, 1e-6, 151936)
     cfg = config_from_gguf(fields, has_output_weight=True)
     assert (cfg.family, cfg.num_layers, cfg.head_dim, cfg.num_kv_heads) == ("qwen2", 24, 64, 2)
     assert (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.tie_word_embeddings) == (True, False, False, False)

@@ -76,6 +76,21 @@ def test_weights_equal_transformers_gguf_loading(qwen: Any) -> None:
         assert torch.equal(tensor, theirs[name].float()), name
 
 
+def test_bundle_tokenizer_matches_transformers(qwen: Any) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    gguf, bundle, _ = qwen
+    ref = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ours = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    for text in [CODE, "  x = [i**2 for i in range(10)]\n\tprint(x)", "émoji 🦙 中文 ünïcödé",
+                 "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+    m = Manifest.load(bundle)
+    assert m.tokenizer["eos_token_ids"] == [ref.convert_tokens_to_ids("<|im_end|>")]
+    assert "<|im_start|>" in m.tokenizer["chat_template"]
+
+
 @pytest.mark.parametrize("graph", ["ort", "standard"])
 def test_greedy_code_and_chat_equal_transformers(qwen: Any, graph: str) -> None:
     _, bundle, ref = qwen
