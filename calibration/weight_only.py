@@ -157,7 +157,24 @@ def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.Mode
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= opset:
         return model
-    return version_converter.convert_version(model, opset)
+    # The converter serializes the model it is given: past 2 GB protobuf refuses, and below it
+    # every weight would be copied twice. It needs no weight values, so the large initializers
+    # sit out the conversion (held as bytes, one copy) and go back into the converted graph.
+    aside: dict[str, bytes] = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.DEFAULT and len(t.raw_data) > 1024:
+            aside[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        converted = version_converter.convert_version(model, opset)
+    finally:
+        for t in model.graph.initializer:
+            if t.name in aside:
+                t.raw_data = aside[t.name]
+    for t in converted.graph.initializer:
+        if t.name in aside:
+            t.raw_data = aside.pop(t.name)
+    return converted
 
 
 #   W (K,N) fp32  ══►  W_q int4/int8 (K,N) ──► DequantizeLinear(scale (K/B,N), axis=0,
