@@ -7,6 +7,7 @@ fp32 bundle must have been exported with: ``logits="all"``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -58,7 +59,7 @@ class Gate:
         return out
 
 
-def segment_logits(model: onnx.ModelProto, manifest: Manifest,
+def segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
     """Per-segment logits ``(seq, vocab)`` from one prefill each."""
     with ort_session(model) as sess:

@@ -222,13 +222,17 @@ def save_model(model: onnx.ModelProto, path: Path) -> str | None:
 
 
 @contextmanager
-def ort_session(model: onnx.ModelProto, threads: int = 0) -> Iterator[object]:
-    """An ONNX Runtime CPU session on an in-memory model (via a temp file past 2 GB)."""
+def ort_session(model: onnx.ModelProto | Path, threads: int = 0) -> Iterator[object]:
+    """An ONNX Runtime CPU session on an in-memory model (via a temp file past 2 GB) or on a
+    model file (its weights are never held twice: no proto in memory)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if isinstance(model, Path):
+        yield ort.InferenceSession(os.fspath(model), so, providers=["CPUExecutionProvider"])
+        return
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     if fits_protobuf(model):
         yield ort.InferenceSession(model.SerializeToString(), so,

@@ -24,6 +24,7 @@ from llama_export.runtime.tokenizer import Tokenizer
 from .accuracy import Accuracy, Gate, compare, segment_logits
 from .bundle_io import (
     base_entry,
+    fp32_source,
     load_fp32,
     load_ort_graph,
     model_opset,
@@ -111,7 +112,7 @@ class Evaluator:
     segments: Any
     ref: list[Any] = field(default_factory=list)
 
-    def start(self, fp32: onnx.ModelProto) -> Evaluator:
+    def start(self, fp32: onnx.ModelProto | Path) -> Evaluator:
         self.ref = segment_logits(fp32, self.manifest, self.segments)
         return self
 
@@ -344,10 +345,13 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         raise InputError(f"--lm-head-bits {opts.lm_head_bits} is not supported: use 8 or 4")
     if opts.fmt not in FORMATS:
         raise InputError(f"--format {opts.fmt} is unknown: use {', '.join(FORMATS)}")
-    manifest, fp32 = load_fp32(bundle)
+    manifest, fp32_file = fp32_source(bundle)
     held, held_src = eval_segments(Tokenizer.from_bundle(bundle, manifest.tokenizer), opts.eval,
                                    None)
-    ev = Evaluator(manifest, held).start(fp32)
+    # Reference logits from the bundle's own file first, the graph loaded after: a 1.5B model's
+    # 7 GB of fp32 weights are never in memory twice (once in ONNX Runtime, once in the proto).
+    ev = Evaluator(manifest, held).start(fp32_file)
+    fp32 = onnx.load(str(fp32_file), load_external_data=True)
     labels = [p.label for p in find_projections(fp32)]
     eight = _eight_bit(opts, labels, manifest)
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
