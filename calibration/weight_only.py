@@ -153,15 +153,13 @@ def quantize_blocked_symmetric(w: np.ndarray, block: int,
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.ModelProto:
-    """Blocked DequantizeLinear needs opset 21; converts e.g. ReduceMean's axes to an input.
-    Consumes ``model`` (returns it, or a converted graph that took its weights)."""
+    """Blocked DequantizeLinear needs opset 21; converts e.g. ReduceMean's axes to an input."""
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= opset:
         return model
     # The converter serializes the model it is given: past 2 GB protobuf refuses, and below it
     # every weight would be copied twice. It needs no weight values, so the large initializers
-    # sit out the conversion and move into the converted graph: like every rewrite here, this
-    # consumes ``model`` (its large weights are gone afterwards; a 1.5B model is not held twice).
+    # sit out the conversion (as bytes) and go back into both graphs: ``model`` stays intact.
     aside: dict[str, bytes] = {}
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.DEFAULT and len(t.raw_data) > 1024:
@@ -169,11 +167,10 @@ def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.Mode
             t.ClearField("raw_data")
     try:
         converted = version_converter.convert_version(model, opset)
-    except BaseException:
+    finally:
         for t in model.graph.initializer:
             if t.name in aside:
                 t.raw_data = aside[t.name]
-        raise
     for t in converted.graph.initializer:
         if t.name in aside:
             t.raw_data = aside.pop(t.name)
