@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,11 +105,13 @@ class Gate:
         return out
 
 
-def segment_logits(model: onnx.ModelProto, manifest: Manifest,
+def segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
     """Per-segment logits ``(seq, vocab)`` from one prefill each."""
+    graph = (onnx.load(str(model), load_external_data=False) if isinstance(model, Path)
+             else model).graph
     half = any(v.name.startswith("past_key_values.") and
-               v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in model.graph.input)
+               v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in graph.input)
     past = {k: v.astype(np.float16 if half else np.float32) for k, v in empty_past(manifest).items()}
     with ort_session(model) as sess:
         out = []
