@@ -105,8 +105,13 @@ def fp32_nodes(model: onnx.ModelProto) -> set[str]:
         keep.add(n.name)
         todo += [c for o in n.output if o in floats for c in consumers.get(o, [])
                  if c.op_type not in STOPS]
-    for n in g.node:  # constants only fp32 nodes read (eps, the mask's fill) stay fp32
-        if not n.input and all(c.name in keep for o in n.output for c in consumers.get(o, [])):
+    # Constants only fp32 nodes read (eps, the mask's fill) stay fp32, and so do Identity views
+    # of a weight: the exporter shares equal weights that way (a model whose norm weights are
+    # all ones keeps one initializer), and a shared norm weight must stay fp32 too.
+    inits = {t.name for t in g.initializer}
+    for n in reversed(g.node):
+        const = not n.input or (n.op_type == "Identity" and n.input[0] in inits)
+        if const and all(c.name in keep for o in n.output for c in consumers.get(o, [])):
             keep.add(n.name)
     return keep
 
