@@ -166,8 +166,8 @@ def test_parity_never_imports_torch(tiny_bundle: Path) -> None:
             "heavy = [m for m in ('torch', 'transformers', 'onnx', 'llama_export.exporter',\n"
             "                     'llama_export.calibration') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd="/", capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["passed"] is True
 
