@@ -43,8 +43,8 @@ def test_make_gpu_check_stops_at_once_without_gpu() -> None:
 
 def test_script_preflight(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert gc.preflight(lambda: None, lambda: True) == gc.NO_GPU
-    assert gc.preflight(lambda: object(), lambda: False) == gc.NO_TRT
-    assert gc.preflight(lambda: object(), lambda: True) is None
+    assert gc.preflight(object, lambda: False) == gc.NO_TRT
+    assert gc.preflight(object, lambda: True) is None
     if shutil.which("nvidia-smi") is None:  # the real detection on this machine
         assert gc.main(["--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err == gc.NO_GPU + "\n"
@@ -72,7 +72,7 @@ def test_plan_and_layout(tmp_path: Path) -> None:
         "--prompt-len", "128", "--gen-len", "128", "--runs", "3", "--json")
     assert by["bench-fp16-trt"].needs == ("trt-fp16",)
     own = gc.plan(layout, tmp_path / "mine", "model.gguf", skip_bench=True)
-    assert [s.name for s in own][0] == "export-fp16" and not [s for s in own if s.kind == "bench"]
+    assert own[0].name == "export-fp16" and not [s for s in own if s.kind == "bench"]
     assert own[0].argv[:2] == ("onnx", "model.gguf")
     assert {s.argv[1] for s in own if s.kind == "engine"} == {str(tmp_path / "mine"),
                                                               str(layout.fp16_bundle)}
