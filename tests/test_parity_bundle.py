@@ -205,7 +205,7 @@ def test_saved_continuation_is_transformers_generate(tiny_bundle: Path, tiny_sou
     ref.generation_config.eos_token_id = None  # the continuation runs past EOS by design
     with torch.inference_mode():
         gen = ref.generate(prompt, do_sample=False, max_new_tokens=item.new_tokens,
-                           pad_token_id=0)
+                           pad_token_id=0, attention_mask=torch.ones_like(prompt))
         logits = ref(input_ids=torch.tensor([item.ids[:-1].tolist()])).logits[0].numpy()
     assert gen[0].tolist() == item.ids.tolist()
     got = np.take_along_axis(logits, item.topk_ids, axis=1)

@@ -56,10 +56,13 @@ def test_saved_continuation_is_transformers_gguf_generate(smollm2_bundle: Path,
     prompt = torch.tensor([item.ids[:item.prompt_tokens].tolist()])
     saved = smollm2_reference.generation_config.eos_token_id
     smollm2_reference.generation_config.eos_token_id = None  # 64 tokens, past EOS by design
+    # An explicit mask: without one generate() takes the prompt's <|im_end|> (id 2, also the
+    # pad id) for padding and masks it out (it then diverges after 11 tokens).
     try:
         with torch.inference_mode():
             gen = smollm2_reference.generate(prompt, do_sample=False, max_new_tokens=64,
-                                             pad_token_id=2)
+                                             pad_token_id=2,
+                                             attention_mask=torch.ones_like(prompt))
     finally:
         smollm2_reference.generation_config.eos_token_id = saved
     assert gen[0].tolist() == item.ids.tolist()
