@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ def write_references(bundle: Path, manifest: Manifest, reference: Any,
     tok = Tokenizer.from_bundle(bundle, manifest.tokenizer)
     prompts = reference_prompts(tok, prompts_file)
     max_ctx = manifest.max_context
+    progress(f"running the PyTorch original on {len(prompts)} reference items (greedy "
+             f"continuations of {NEW_TOKENS} tokens, top-{TOP_K} logits) for `llama-export parity`")
+    t0 = time.perf_counter()
     items = []
     with _one_torch_thread():
         for p in prompts:
@@ -115,7 +119,8 @@ def write_references(bundle: Path, manifest: Manifest, reference: Any,
     manifest.record_file(bundle, FILE)
     positions = sum(it.positions for it in items)
     progress(f"saved PyTorch references: {len(items)} items, {positions} positions, top-{TOP_K} "
-             f"logits ({(bundle / FILE).stat().st_size / 1024:.0f} KiB)")
+             f"logits ({(bundle / FILE).stat().st_size / 1024:.0f} KiB) in "
+             f"{time.perf_counter() - t0:.1f} s")
 
 
 @contextmanager
