@@ -111,7 +111,7 @@ def write_references(bundle: Path, manifest: Manifest, reference: Any,
     import transformers
 
     refs = ReferenceSet(tuple(items), min(TOP_K, manifest.vocab_size), {
-        "reference": "transformers LlamaForCausalLM (fp32, eager attention)",
+        "reference": f"transformers {type(reference).__name__} (fp32, eager attention)",
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
         "new_tokens": NEW_TOKENS})
     save_references(bundle / FILE, refs)
