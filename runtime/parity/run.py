@@ -144,14 +144,14 @@ def _graph_label(backend: Backend, graph: str) -> str:
 
 def format_table(result: ParityResult) -> str:
     """The parity table (plain text): one line per row, failures spelled out below."""
-    head = (f"{'variant':8s} {'graph':16s} {'backend':9s} {'max|dl|':>9s} {'mean|dl|':>9s} "
+    head = (f"{'variant':8s} {'graph':20s} {'backend':9s} {'max|dl|':>9s} {'mean|dl|':>9s} "
             f"{'top-1':>7s} {'KL(top-k)':>10s} {'greedy':>13s} {'ppl (orig)':>17s}  result")
     lines = [head]
     for r in result.rows:
         worst = min(r.greedy, key=lambda k: r.greedy[k] / r.new_tokens[k], default=None)
         greedy = "-" if worst is None else f"{r.greedy[worst]}/{r.new_tokens[worst]}"
         ppl = "-" if r.ppl is None else f"{r.ppl:.3f} ({r.ppl_ref:.3f})"
-        lines.append(f"{r.label.variant:8s} {r.label.graph:16s} {r.label.backend:9s} "
+        lines.append(f"{r.label.variant:8s} {r.label.graph:20s} {r.label.backend:9s} "
                      f"{r.max_abs:9.2e} {r.mean_abs:9.2e} {r.top1:7.1%} {r.kl:10.2e} "
                      f"{greedy:>13s} {ppl:>17s}  {'pass' if r.passed else 'FAIL'}")
     for r in result.rows:
