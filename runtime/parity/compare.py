@@ -150,6 +150,12 @@ class Row:
         return not self.failures
 
     @property
+    def greedy_worst(self) -> str:
+        """``reproduced/continuation`` of the prompt that diverged earliest (``-``: none)."""
+        worst = min(self.greedy, key=lambda k: self.greedy[k] / self.new_tokens[k], default=None)
+        return "-" if worst is None else f"{self.greedy[worst]}/{self.new_tokens[worst]}"
+
+    @property
     def ppl_increase(self) -> float | None:
         return None if self.ppl is None or self.ppl_ref is None else self.ppl / self.ppl_ref - 1
 
@@ -158,6 +164,7 @@ class Row:
                 "greedy_gated", "positions", "failures")
         out: dict[str, Any] = {**vars(self.label), **{k: getattr(self, k) for k in keys}}
         out["ppl_increase"] = self.ppl_increase
+        out["greedy_worst"] = self.greedy_worst
         out["passed"] = self.passed
         out["tolerance"] = dict(vars(self.tolerance))
         return out

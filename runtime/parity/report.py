@@ -156,13 +156,11 @@ def markdown(result: ParityResult) -> str:
              "KL (top-k) | greedy (worst) | ppl (original) | result |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in result.rows:
-        worst = min(r.greedy, key=lambda k: r.greedy[k] / r.new_tokens[k], default=None)
-        greedy = "-" if worst is None else f"{r.greedy[worst]}/{r.new_tokens[worst]}"
         ppl = "-" if r.ppl is None else f"{r.ppl:.3f} ({r.ppl_ref:.3f})"
         verdict = "pass" if r.passed else "**FAIL**: " + "; ".join(r.failures)
         lines.append(f"| {r.label.variant} | {r.label.graph} | {r.label.backend} | "
                      f"{r.max_abs:.2e} | {r.mean_abs:.2e} | {100 * r.top1:.1f}% | {r.kl:.2e} | "
-                     f"{greedy} | {ppl} | {verdict} |")
+                     f"{r.greedy_worst} | {ppl} | {verdict} |")
     lines += ["", "## Reference items", "",
               "| item | kind | prompt tokens | continuation | " +
               " | ".join(_name(r) for r in result.rows) + " |",

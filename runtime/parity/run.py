@@ -148,12 +148,10 @@ def format_table(result: ParityResult) -> str:
             f"{'top-1':>7s} {'KL(top-k)':>10s} {'greedy':>13s} {'ppl (orig)':>17s}  result")
     lines = [head]
     for r in result.rows:
-        worst = min(r.greedy, key=lambda k: r.greedy[k] / r.new_tokens[k], default=None)
-        greedy = "-" if worst is None else f"{r.greedy[worst]}/{r.new_tokens[worst]}"
         ppl = "-" if r.ppl is None else f"{r.ppl:.3f} ({r.ppl_ref:.3f})"
         lines.append(f"{r.label.variant:8s} {r.label.graph:20s} {r.label.backend:9s} "
                      f"{r.max_abs:9.2e} {r.mean_abs:9.2e} {r.top1:7.1%} {r.kl:10.2e} "
-                     f"{greedy:>13s} {ppl:>17s}  {'pass' if r.passed else 'FAIL'}")
+                     f"{r.greedy_worst:>13s} {ppl:>17s}  {'pass' if r.passed else 'FAIL'}")
     for r in result.rows:
         if r.failures:
             lines.append(f"FAIL {r.label.variant} ({r.label.graph}, {r.label.backend}): "
