@@ -263,3 +263,13 @@ def test_pickled_references_are_refused(tmp_path: Path) -> None:
     m.record_file(bundle, FILE)  # even with a matching sha256: object arrays are never loaded
     with pytest.raises(BundleError, match="is not a valid references file"):
         load_references(bundle, m)
+
+
+def test_nan_logits_fail_even_with_every_limit_off(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "b")
+    make = _factory(fp32={"bias": float("nan"), "bias_positions": (3,), "bias_token": 1})
+    off = parse_overrides([f"{k}=off" for k in ("max_abs", "mean_abs", "top1", "kl", "ppl",
+                                                "greedy")])
+    (row,) = run_parity(bundle, ParityOptions(variant="fp32", graph="standard", overrides=off),
+                        factory=make).rows
+    assert row.failures == ["non-finite logits (NaN or inf)"]
