@@ -129,7 +129,7 @@ def _top1_ppl(result: ParityResult) -> Any:
 
 def _first_divergence(result: ParityResult) -> Any:
     prompts = [it for it in result.references.items if it.kind != "heldout"]
-    fig = _figure(max(6.0, 1.6 * len(prompts) + 3), 3.4)
+    fig = _figure(max(7.5, 1.6 * len(prompts) + 4.5), 3.4)
     ax = fig.subplots()
     width = 0.8 / max(len(result.rows), 1)
     x = np.arange(len(prompts))
@@ -140,7 +140,7 @@ def _first_divergence(result: ParityResult) -> Any:
         ax.hlines(p.new_tokens, i - 0.45, i + 0.45, color="black", ls="--", lw=0.8)
     ax.set_xticks(x, [p.name for p in prompts])
     ax.set_ylabel("tokens before first divergence")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside, not on bars
     ax.set_title("Greedy continuation reproduced (dashed: the original's full continuation)",
                  fontsize=10)
     return fig
