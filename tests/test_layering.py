@@ -79,5 +79,5 @@ def test_help_is_lazy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd="/", capture_output=True,
                          text=True)
-    for cmd in ("onnx", "generate", "bench", "calibrate", "quantize", "trt", "verify"):
+    for cmd in ("onnx", "generate", "bench", "calibrate", "quantize", "trt", "verify", "parity"):
         assert f"  {cmd} " in out.stdout
