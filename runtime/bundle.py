@@ -66,13 +66,13 @@ class Model:
         self._drafts.clear()
         self.backend.close()
 
-    def attach_draft(self, draft: Model) -> None:
-        """Use ``draft`` (loaded by the caller, closed with this model) for
-        ``speculative=draft:<its path>``; its tokenizer must be this model's."""
+    def attach_draft(self, draft: Model, key: str | None = None) -> None:
+        """Use ``draft`` (closed with this model) for ``speculative=draft:<its path>`` (or
+        ``key``: ``PATH@VARIANT``); its tokenizer must be this model's."""
         from llama_export.runtime.draft_model import check_same_tokenizer
 
         check_same_tokenizer(self, draft)
-        self._drafts[str(draft.path)] = draft
+        self._drafts[key or f"{draft.path}@"] = draft
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -104,9 +104,10 @@ class Model:
             from llama_export.runtime.draft_model import DraftModelDrafter
 
             assert spec.draft_bundle is not None  # SpeculativeOptions checks it
-            key = str(Path(spec.draft_bundle))
+            key = f"{Path(spec.draft_bundle)}@{spec.draft_variant or ''}"
             if key not in self._drafts:  # same backend settings as this model, loaded once
-                self.attach_draft(load_bundle(key, **self._load_settings()))
+                draft = load_bundle(spec.draft_bundle, spec.draft_variant, **self._load_settings())
+                self.attach_draft(draft, key)
             drafter = DraftModelDrafter(self, self._drafts[key])
         return SpeculativeGeneration(self.backend, self.tokenizer, prompt_ids, opts, drafter, spec)
 

@@ -31,13 +31,15 @@ MODES = ("lookup", "draft")
 @dataclass(frozen=True)
 class SpeculativeOptions:
     """``mode``: ``lookup`` (n-gram match against the prompt and the text so far) or ``draft``
-    (a smaller bundle with the same tokenizer, ``draft_bundle``). ``max_draft_tokens``: the most
-    drafts verified per forward (also capped by the graph's logits window); ``adaptive``: shrink
-    and grow the draft length with the acceptance seen so far (else always the most).
+    (a smaller bundle with the same tokenizer, ``draft_bundle``, its ``draft_variant``).
+    ``max_draft_tokens``: the most drafts verified per forward (also capped by the graph's
+    logits window); ``adaptive``: shrink and grow the draft length with the acceptance seen so
+    far (else always the most).
     ``min_ngram``..``max_ngram``: how long the suffix matched by prompt lookup is."""
 
     mode: str = "lookup"
     draft_bundle: str | None = None
+    draft_variant: str | None = None  # None: the draft bundle's default variant
     max_draft_tokens: int = 8
     adaptive: bool = True
     min_ngram: int = 2
@@ -59,9 +61,11 @@ class SpeculativeOptions:
 
     @classmethod
     def parse(cls, spec: str, draft_tokens: int = 8) -> SpeculativeOptions:
-        """``lookup`` or ``draft:BUNDLE`` (the CLI's ``--speculative`` value)."""
+        """``lookup`` or ``draft:BUNDLE[@VARIANT]`` (the CLI's ``--speculative`` value)."""
         mode, _, bundle = spec.partition(":")
-        return cls(mode=mode, draft_bundle=bundle or None, max_draft_tokens=draft_tokens)
+        path, _, variant = bundle.rpartition("@") if "@" in bundle else (bundle, "", "")
+        return cls(mode=mode, draft_bundle=path or None, draft_variant=variant or None,
+                   max_draft_tokens=draft_tokens)
 
 
 # ---- drafting by prompt lookup --------------------------------------------------------------
@@ -71,8 +75,10 @@ def lookup_draft(tokens: Sequence[int] | np.ndarray, k: int, *, min_ngram: int =
 
     Candidates are earlier positions holding the context's last token; each is scored by how
     many tokens before it also agree with the context (up to ``max_ngram``). The longest match
-    of at least ``min_ngram`` wins, the most recent among equals (it is the likeliest to be
-    where a rewrite or a repetition currently is). Empty when nothing matches.
+    of at least ``min_ngram`` wins; among equals, one with ``k`` tokens after it before one
+    running into the end of the context (in a repeating run the latest match is one step
+    back), then the most recent (the likeliest to be where a rewrite currently is). Empty when
+    nothing matches.
     """
     seq = np.asarray(tokens, dtype=np.int64)
     n = len(seq)
@@ -91,10 +97,10 @@ def lookup_draft(tokens: Sequence[int] | np.ndarray, k: int, *, min_ngram: int =
         alive = ok
         if not alive.any():
             break
-    best = int(length.max())
-    if best < min_ngram:
+    if int(length.max()) < min_ngram:
         return []
-    start = int(cand[np.flatnonzero(length == best)[-1]]) + 1
+    score = length * (k + 1) + np.minimum(n - 1 - cand, k)
+    start = int(cand[np.flatnonzero(score == score.max())[-1]]) + 1
     return [int(t) for t in seq[start:start + k]]
 
 
