@@ -132,6 +132,7 @@ class SpeculativeGeneration(BatchGeneration):
                 step += 1
                 yield from self._push(cols[:, j], step)
                 if stop := self._stop_reason(state.cache.capacity, length + j + 1):
+                    self.stats.decode_tokens -= cols.shape[1] - j - 1  # verified, not emitted
                     break
             if stop:
                 break

@@ -116,7 +116,8 @@ class Verdict:
 def _penalized(logits: np.ndarray, seen: np.ndarray | None, opts: SamplingOptions) -> np.ndarray:
     if seen is None:
         return logits
-    return apply_repetition_penalty(logits[None], seen[None], opts.repetition_penalty)[0]
+    row: np.ndarray = apply_repetition_penalty(logits[None], seen[None], opts.repetition_penalty)[0]
+    return row
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -125,7 +126,7 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return min(pick, int(np.flatnonzero(probs > 0)[-1]))  # never a zero-probability token
 
 
-def verify_row(logits: np.ndarray, draft: Sequence[int], opts: SamplingOptions,
+def verify_row(logits: np.ndarray, draft: Sequence[int] | np.ndarray, opts: SamplingOptions,
                rng: np.random.Generator, *, seen: np.ndarray | None = None,
                draft_probs: np.ndarray | None = None) -> Verdict:
     """Accept a prefix of ``draft`` against the target's ``logits`` ``[len(draft) + 1, vocab]``

@@ -253,3 +253,57 @@ def test_truncate_then_continue_equals_never_having_run(graphs: Any, graph: str)
                                                       backend.new_cache(2, 32)), atol=1e-6)
     with pytest.raises(InputError, match="cannot truncate a cache of 9 positions to 10"):
         backend.truncate(rolled, 10)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def test_cli_generate_and_bench_with_speculation(tiny_tail_bundle: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from llama_export.runtime.cli import main
+
+    args = ["generate", str(tiny_tail_bundle), "--prompt", "abcabcabc", "--max-new-tokens", "24"]
+    main(args)
+    plain = capsys.readouterr().out
+    main([*args, "--speculative", "lookup", "--draft-tokens", "3"])
+    assert capsys.readouterr().out == plain
+    main(["bench", str(tiny_tail_bundle), "--prompt-len", "16", "--gen-len", "24", "--runs", "1",
+          "--speculative", "lookup"])
+    out = capsys.readouterr()
+    header, plain_row, spec_row = out.out.splitlines()[:3]
+    assert "accept" in header and "tok/fwd" in header
+    assert plain_row.split()[0] == "ours:ort" and plain_row.split()[6:8] == ["-", "-"]
+    assert spec_row.split()[0] == "ours:ort+lookup" and spec_row.split()[6].endswith("%")
+    assert "acceptance" in out.err and "tokens/forward" in out.err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(tiny_tail_bundle), "--tasks", "grounded", "--speculative", "lookup"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task code-rename (") and "exceeds the bundle's context 128" in err
+    assert err.count("\n") == 1
+
+
+# ---- the --logits tail:N export mode -------------------------------------------------------------
+def test_tail_window_export_and_chunked_calibration_logits(tiny_tail_bundle: Path,
+                                                           tiny_bundle: Path) -> None:
+    """A tail:6 bundle records its mode, returns min(seq, 6) positions, and calibration's
+    accuracy pass (chunks of 6 over the graph's own cache) gets the same logits as one prefill
+    of a logits=all bundle of the same weights (tolerance 1e-4 max-abs, fp32)."""
+    import onnx
+
+    from llama_export.calibration.accuracy import segment_logits
+    from llama_export.runtime.manifest import Manifest
+
+    m = Manifest.load(tiny_tail_bundle)
+    assert m.variant("fp32")["logits"] == "tail:6"
+    assert m.outputs("fp32")[0].dims == ("batch", "tail", m.vocab_size)
+    with load_bundle(tiny_tail_bundle) as model:
+        cache = model.backend.new_cache(1, 64)
+        assert model.backend.tail_limit(20) == 6
+        out = model.backend.forward_tail(np.arange(20)[None], np.arange(20)[None], None, cache, 6)
+        assert out.shape == (1, 6, m.vocab_size)
+    segments = np.random.default_rng(0).integers(0, 256, (2, 17))
+    got = segment_logits(onnx.load(str(tiny_tail_bundle / "model.onnx")), m, segments)
+    want = segment_logits(onnx.load(str(tiny_bundle / "model.onnx")), Manifest.load(tiny_bundle),
+                          segments)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == (17, m.vocab_size)
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
