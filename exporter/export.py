@@ -28,6 +28,7 @@ from llama_export.runtime.backends.base import logits_window
 from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
+from .config import LlamaConfig
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN
@@ -54,7 +55,8 @@ _T0 = time.perf_counter()
 
 
 def _stderr_progress(msg: str) -> None:
-    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s {peak_rss_mb() / 1024:5.1f} GiB peak] "
+          f"{msg}", file=sys.stderr, flush=True)
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -89,6 +91,7 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         manifest = _build(src, tmp, opts, progress)
+        t_verify = time.perf_counter()
         if opts.verify:
             from .reference import reference_from_state_dict
             from .verify import verify_bundle
@@ -98,14 +101,26 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
                 report = verify_bundle(tmp, model, manifest=manifest, reference=ref,
                                        graph=graph, progress=progress)
                 (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
-        manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+        cost = {"export_seconds": round(t_verify - t0, 2),
+                "verify_seconds": round(time.perf_counter() - t_verify, 2),
+                "peak_rss_mb": round(peak_rss_mb())}
+        manifest.data["provenance"].update(cost)
         manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    progress(f"bundle written to {out}: export {cost['export_seconds']:.1f} s, verify "
+             f"{cost['verify_seconds']:.1f} s, peak RSS {cost['peak_rss_mb'] / 1024:.2f} GiB")
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -128,11 +143,11 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
         files["ort"] = ORT_GRAPH_FILES[opts.dtype]
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
+    _check_names(cfg, src)
     for flavor, file in files.items():
-        module = LlamaDecoder(cfg, logits_tail=logits_window(opts.logits), flavor=flavor,  # type: ignore[arg-type]
-                              max_positions=max_seq)
-        module.load_state_dict(src.state_dict, strict=False)
-        _check_loaded(module, src)
+        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
+                                              logits_tail=logits_window(opts.logits),
+                                              max_positions=max_seq)
         module = module.to(dtype).eval()
         progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
                  f"{flavor} graph)")
@@ -150,8 +165,10 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     return manifest
 
 
-def _check_loaded(module: LlamaDecoder, src: Source) -> None:
-    own = {k for k in module.state_dict() if k != "lm_head.weight" or not src.config.tie_word_embeddings}
+def _check_names(cfg: LlamaConfig, src: Source) -> None:
+    with torch.device("meta"):  # names only: no memory, no init
+        own = {k for k in LlamaDecoder(cfg).state_dict()
+               if k != "lm_head.weight" or not cfg.tie_word_embeddings}
     missing = own - set(src.state_dict)
     if missing:  # sources.py validated shapes; this guards against a name-mapping bug
         raise RuntimeError(f"state dict lacks {sorted(missing)[:3]}")

@@ -109,11 +109,11 @@ class Attention(nn.Module):
         super().__init__()
         self.flavor = flavor
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_proj = Packed()
 
     def forward(self, x: Tensor, step: StepInputs, past: tuple[Tensor, Tensor]
@@ -214,15 +214,35 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._register_constants(max_positions)
+
+    def _register_constants(self, max_positions: int | None) -> None:
         # Constants, not buffers that change: exported as initializers.
+        cfg = self.cfg
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        if flavor == "ort":  # RotaryEmbedding looks positions up in (max_pos, hd/2) tables
+        if self.flavor == "ort":  # RotaryEmbedding looks positions up in (max_pos, hd/2) tables
             cos, sin = ort_ops.rope_caches(self.inv_freq, max_positions or cfg.max_position_embeddings)
             self.cos_cache: Tensor
             self.sin_cache: Tensor
             self.register_buffer("cos_cache", cos, persistent=False)
             self.register_buffer("sin_cache", sin, persistent=False)
+
+    @classmethod
+    def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, Tensor], *,
+                        logits_tail: int | None = None, flavor: Flavor = "standard",
+                        max_positions: int | None = None) -> LlamaDecoder:
+        """A decoder whose parameters *are* ``state_dict``'s tensors: built on the meta device
+        (no random init) and assigned, so a 6 GB model is not held twice. Missing names stay
+        on the meta device (callers check names first)."""
+        with torch.device("meta"):
+            module = cls(cfg, logits_tail=logits_tail, flavor=flavor,
+                         max_positions=max_positions)
+        module.load_state_dict(state_dict, strict=False, assign=True)
+        if cfg.tie_word_embeddings:  # assign replaced the shared Parameter: tie again
+            module.lm_head.weight = module.model.embed_tokens.weight
+        module._register_constants(max_positions)
+        return module
 
     def _mask(self, attention_mask: Tensor, T: int, S: int,
               dtype: torch.dtype = torch.float32) -> Tensor:

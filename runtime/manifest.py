@@ -9,7 +9,7 @@ Layout (``format_version`` 1)::
       "format_version": 1,
       "model":     {num_layers, num_heads, num_kv_heads, head_dim, hidden_size, intermediate_size,
                     vocab_size, max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps,
-                    tie_word_embeddings, attention_bias, mlp_bias, name},
+                    tie_word_embeddings, qkv_bias, o_bias, mlp_bias, family, name},
       "dims":      {"batch": {min, opt, max}, "seq": ..., "past": ..., "total": ...},
       "tokenizer": {files, bos_token_id, eos_token_ids, pad_token_id, add_bos_token, chat_template},
       "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, parity,
