@@ -270,8 +270,8 @@ def test_cli_generate_and_bench_with_speculation(tiny_tail_bundle: Path,
     out = capsys.readouterr()
     header, plain_row, spec_row = out.out.splitlines()[:3]
     assert "accept" in header and "tok/fwd" in header
-    assert plain_row.split()[0] == "ours:ort" and plain_row.split()[6:8] == ["-", "-"]
-    assert spec_row.split()[0] == "ours:ort+lookup" and spec_row.split()[6].endswith("%")
+    assert plain_row.split()[0] == "ours:ort" and plain_row.split()[5:7] == ["-", "-"]
+    assert spec_row.split()[0] == "ours:ort+lookup" and spec_row.split()[5].endswith("%")
     assert "acceptance" in out.err and "tokens/forward" in out.err
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(tiny_tail_bundle), "--tasks", "grounded", "--speculative", "lookup"])
