@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force --logits last
+	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force --logits tail:16
 	$(BIN)/llama-export generate $(DEMO_BUNDLE) --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
 lint: $(STAMP)

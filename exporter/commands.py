@@ -19,8 +19,10 @@ import click
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Largest batch the bundle declares (TensorRT profiles, runtime checks).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
-@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Logits for every position, or the last one only (faster prefill).")
+@click.option("--logits", default="all", show_default=True, metavar="all|last|tail:N",
+              help="Logits for every position, the last one only (faster prefill), or the last "
+                   "N (tail:16: a cheap prefill that still verifies up to 15 speculative drafts "
+                   "in one forward).")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--no-ort-graph", is_flag=True,

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from llama_export.runtime.errors import InputError
+from llama_export.runtime.backends.base import logits_window
+from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
 from .config import LlamaConfig
@@ -45,7 +46,7 @@ class ExportOptions:
     max_seq_len: int | None = None  # default: the model's max positions, capped at 4096
     max_batch: int = 8
     opset: int = 17
-    logits: Literal["all", "last"] = "all"
+    logits: str = "all"  # all | last | tail:N (the last min(seq, N) positions)
     force: bool = False
     verify: bool = True
     ort_graph: bool = True  # also write the ONNX-Runtime-optimized graph (contrib ops)
@@ -64,8 +65,11 @@ def _stderr_progress(msg: str) -> None:
 def _check_options(opts: ExportOptions) -> None:
     if opts.dtype not in VARIANT_FILES:
         raise InputError(f"--dtype {opts.dtype} is not supported: use fp32 or fp16")
-    if opts.logits not in ("all", "last"):
-        raise InputError(f"--logits {opts.logits} is not supported: use all or last")
+    try:
+        logits_window(opts.logits)
+    except BundleError:
+        raise InputError(f"--logits {opts.logits} is not supported: use all, last or tail:N "
+                         "(N >= 1, e.g. tail:16)") from None
     if not 14 <= opts.opset <= 21:
         raise InputError(f"--opset {opts.opset} is not supported: use an opset between 14 and 21")
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
@@ -161,7 +165,7 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     _check_names(cfg, src)
     for flavor, file in files.items():
         module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
-                                              last_logits_only=opts.logits == "last",
+                                              logits_tail=logits_window(opts.logits),
                                               max_positions=max_seq)
         module = module.to(dtype).eval()
         progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
@@ -205,8 +209,7 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"},
                                        "attention_mask": {0: "batch", 1: "total"},
                                        "position_ids": {0: "batch", 1: "seq"},
-                                       "logits": {0: "batch"} if module.last_logits_only
-                                       else {0: "batch", 1: "seq"}}
+                                       "logits": _logits_axes(module.logits_tail)}
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             in_names.append(f"past_key_values.{i}.{kind}")
@@ -221,6 +224,13 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
                           custom_opsets={MS_DOMAIN: 1} if module.flavor == "ort" else None)
 
 
+def _logits_axes(tail: int | None) -> dict[int, str]:
+    """``tail``: min(seq, N) positions, named apart from ``seq`` (they differ past N)."""
+    if tail == 1:
+        return {0: "batch"}
+    return {0: "batch", 1: "seq" if tail is None else "tail"}
+
+
 def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[str, str],
                    data_file: str | None) -> dict[str, Any]:
     import onnx
@@ -232,7 +242,9 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[s
     inputs = [{"name": "input_ids", "dtype": "int64", "dims": ["batch", "seq"]},
               {"name": "attention_mask", "dtype": "int64", "dims": ["batch", "total"]},
               {"name": "position_ids", "dtype": "int64", "dims": ["batch", "seq"]}, *past]
-    logits_dims = ["batch", 1 if opts.logits == "last" else "seq", cfg.vocab_size]
+    window = logits_window(opts.logits)
+    logits_dims = ["batch", "seq" if window is None else 1 if window == 1 else "tail",
+                   cfg.vocab_size]
     outputs = [{"name": "logits", "dtype": fdtype, "dims": logits_dims}, *present]
     from importlib.metadata import version
 

@@ -200,14 +200,15 @@ class LlamaDecoder(nn.Module):
     """``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
 
     ``past`` is ``k0, v0, k1, v1, ...`` each ``(B, n_kv, P, hd)``; ``attention_mask`` is
-    ``(B, P + T)`` with 0 for (left) padding. ``last_logits_only`` slices before ``lm_head``.
+    ``(B, P + T)`` with 0 for (left) padding. ``logits_tail`` N keeps the last ``min(T, N)``
+    positions before ``lm_head`` (None: all; 1: ``--logits last``).
     """
 
-    def __init__(self, cfg: LlamaConfig, *, last_logits_only: bool = False,
+    def __init__(self, cfg: LlamaConfig, *, logits_tail: int | None = None,
                  flavor: Flavor = "standard", max_positions: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.last_logits_only = last_logits_only
+        self.logits_tail = logits_tail
         self.flavor = flavor
         self.model = LlamaModel(cfg, flavor)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -229,13 +230,13 @@ class LlamaDecoder(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, Tensor], *,
-                        last_logits_only: bool = False, flavor: Flavor = "standard",
+                        logits_tail: int | None = None, flavor: Flavor = "standard",
                         max_positions: int | None = None) -> LlamaDecoder:
         """A decoder whose parameters *are* ``state_dict``'s tensors: built on the meta device
         (no random init) and assigned, so a 6 GB model is not held twice. Missing names stay
         on the meta device (callers check names first)."""
         with torch.device("meta"):
-            module = cls(cfg, last_logits_only=last_logits_only, flavor=flavor,
+            module = cls(cfg, logits_tail=logits_tail, flavor=flavor,
                          max_positions=max_positions)
         module.load_state_dict(state_dict, strict=False, assign=True)
         if cfg.tie_word_embeddings:  # assign replaced the shared Parameter: tie again
@@ -280,8 +281,9 @@ class LlamaDecoder(nn.Module):
             x, pending, k, v = layer(x, pending, step, (past[2 * i], past[2 * i + 1]))
             presents += [k, v]
         assert pending is not None  # num_layers >= 1
-        if self.last_logits_only:
-            x, pending = x[:, -1:, :], pending[:, -1:, :]
+        if self.logits_tail is not None:  # ONNX Slice clamps: T < N keeps all T positions
+            n = self.logits_tail
+            x, pending = x[:, -n:, :], pending[:, -n:, :]
         h, _ = self.model.norm.skip(x, pending, self.flavor == "ort")
-        logits = self.lm_head(h)                                              # (B, T|1, V)
+        logits = self.lm_head(h)                                              # (B, min(T,N), V)
         return (logits, *presents)

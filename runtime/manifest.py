@@ -26,7 +26,9 @@ the same IO, sharing the variant's ``data_file``; old readers simply ignore it.
 
 IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_values.{i}.key``,
 ``present.{i}.value``) expanded per layer by :func:`expand_io`. Dims are named (``batch``,
-``seq``, ``past``, ``total`` = past + seq) or integers.
+``seq``, ``past``, ``total`` = past + seq) or integers. A variant's ``logits`` says which
+positions its ``logits`` output holds: ``all`` (dim ``seq``), ``last`` (dim 1) or ``tail:N``
+(dim ``tail`` = min(seq, N)); ``backends.base.logits_window`` reads it.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def test_manifest_contents(tiny_bundle: Path) -> None:
     assert fp32["ort_graph"]["file"] == "model.ort.onnx" and fp32["data_file"] == "model.onnx.data"
     assert set(m.data["files"]) == {"model.onnx", "model.ort.onnx", "model.onnx.data",
                                     "tokenizer.json", "tokenizer_config.json", "config.json",
-                                    "generation_config.json"}
+                                    "generation_config.json", "references.npz"}
     ort_inputs = [i.name for i in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.input]
     assert ort_inputs == names  # the same IO contract as the standard graph
     ops = {n.op_type for n in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.node}
@@ -126,7 +126,7 @@ def test_no_ort_graph_option(tiny_source: Path, tmp_path: Path) -> None:
     assert "ort_graph" not in m.variant("fp32") and m.graphs("fp32") == ["standard"]
     assert set(m.data["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json",
                                     "tokenizer_config.json", "config.json",
-                                    "generation_config.json"}
+                                    "generation_config.json", "references.npz"}
     assert m.variant("fp32")["data_file"] == "model.onnx.data"  # one graph: external data too
 
 
