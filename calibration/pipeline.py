@@ -2,7 +2,7 @@
 
     calibration text ─► segments ─► collect (ORT: prefill + decode, fp32) ─► per-channel maxima,
         row samples ─► SmoothQuant alpha per group (numpy) ─► W8A8 Q/DQ graph ─► keep the most
-        sensitive projections in float until the gate holds on calibration segments
+        sensitive projections in float until the gate (with a margin) holds on calibration segments
         ─► accuracy on held-out text (gate) ─► model.int8.onnx + TensorRT cache + manifest
 """
 
@@ -269,8 +269,8 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
                       tensors: Tensors, segments: Any,
                       opts: CalibrateOptions) -> tuple[onnx.ModelProto, list[str]]:
     """Keep the k groups with the largest W8A8 output error in float, k growing until the gate
-    holds on the validation ``segments`` (calibration text outside the range fit; never the
-    held-out text: that would tune on the test)."""
+    holds, with :func:`validation_gate`'s margin, on the validation ``segments`` (calibration
+    text outside the range fit; never the held-out text: that would tune on the test)."""
     ranked = sensitivity_order(plans)
     steps = [opts.keep_float] if opts.keep_float is not None else [
         k for k in KEEP_FLOAT_STEPS if k <= len(plans)]
@@ -283,9 +283,19 @@ def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[Gro
             break
         acc = val.score(model)
         log(f"keep {k} groups float: calibration-text {acc.line()}")
-        if not opts.eval.gate.failures(acc):
+        if not validation_gate(opts.eval.gate, acc.pooled.tokens).failures(acc):
             break
     return model, exclude
+
+
+def validation_gate(gate: Gate, tokens: int) -> Gate:
+    """``gate`` with its top-1 floor raised by two standard errors of a top-1 rate measured on
+    ``tokens`` tokens: the validation text is a few hundred tokens of one mix, and held-out
+    genres come in below it. Measured on SmolLM2 (508 validation tokens, +0.027 here):
+    24 float groups passed the bare gate at 91.7 % and then gave 88.5 % on held-out dialogue,
+    89.9 % on technical text; 32 groups (95.5 % on validation) hold >= 91.5 % on every genre."""
+    se = float(np.sqrt(gate.min_top1 * (1 - gate.min_top1) / max(tokens, 1)))
+    return Gate(gate.max_ppl_increase, min(1.0, gate.min_top1 + 2 * se))
 
 
 def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions) -> None:

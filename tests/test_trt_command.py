@@ -217,9 +217,44 @@ def test_one_command_from_fp32_to_quantized_plan(tiny_bundle: Path, tmp_path: Pa
     model = onnx.load(str(bundle / f"model.{precision}.onnx"), load_external_data=False)
     counts = op_types(model)
     assert {d for d, _ in counts} == {""} and {op for _, op in counts} <= TRT10_OPS
+    if precision == "int8":
+        # The tiny random model's near-flat logits lose top-1 agreement at any W8A8 projection
+        # (measured: 4 of 8 groups float gave 87.2 % held-out top-1): the gate's search keeps
+        # them all float. The graph must say what the manifest records; the W8A8 form itself is
+        # checked in test_w8a8_graph_passes_the_tensorrt_check.
+        quantized = Manifest.load(bundle).variant("int8")["quantization"]["quantized"]
+        assert (counts[("", "QuantizeLinear")] > 0) == (quantized > 0)
+        return
     assert (counts[("", "QuantizeLinear")] > 0) == q and counts[("", "DequantizeLinear")] > 0
     if weights:
         assert set(dq_weight_types(model)) == {weights}
+
+
+def test_w8a8_graph_passes_the_tensorrt_check(tiny_bundle: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every projection W8A8 (gate opened: the tiny model is random): Q/DQ with INT8 weights,
+    TensorRT 10 ops only."""
+    import onnx
+
+    from llama_export.calibration.trt.graph_check import (
+        TRT10_OPS,
+        check_graph_for_tensorrt,
+        dq_weight_types,
+        op_types,
+    )
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    code, _, _ = _run(["calibrate", str(bundle), "--keep-float", "0", "--min-top1", "0",
+                       "--max-ppl-increase", "100"], capsys)
+    assert code == 0
+    model = onnx.load(str(bundle / "model.int8.onnx"), load_external_data=False)
+    counts = op_types(model)
+    assert {op for _, op in counts} <= TRT10_OPS and counts[("", "QuantizeLinear")] > 0
+    assert set(dq_weight_types(model)) == {"INT8"}
+    fp32 = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False)
+    check_graph_for_tensorrt(onnx.load(str(bundle / "model.int8.onnx")), "model.int8.onnx",
+                             [i.name for i in fp32.graph.input])
 
 
 def test_int4_variant_carries_int4_weights(tiny_bundle: Path) -> None:
