@@ -74,6 +74,7 @@ class OrtKVCache(KVCache):
         self._empty = empty
         self.shared = shared  # values are capacity-sized buffers, bound as past AND present
         self.values: list[Any] = list(empty)
+        self.host: list[np.ndarray] = []  # caller-owned arrays behind ``values`` (cache_over)
 
     def reset(self) -> None:
         super().reset()
@@ -128,6 +129,24 @@ class OrtBackend(Backend):
         value = ov.ortvalue_from_numpy(empty, *dev)
         return OrtKVCache(batch_size, capacity, [value._ortvalue] * len(self._past_names),
                           shared=False)
+
+    def cache_over(self, arrays: list[np.ndarray]) -> OrtKVCache:
+        """A shared cache over caller-owned host arrays, one per past/present pair, each
+        ``[batch, kv_heads, capacity, head_dim]`` C-contiguous (e.g. leading rows of a larger
+        buffer): ONNX Runtime reads and writes them in place, no copy (the server's KV slots).
+        CPU provider and the ONNX-Runtime graph only."""
+        if not (self._shared_kv and self._device == "cpu"):
+            raise InputError("host-array KV caches need the ONNX-Runtime graph on the CPU "
+                             "provider: use --provider cpu and --graph ort (or auto)")
+        if len(arrays) != len(self._past_names) or not all(
+                a.flags.c_contiguous and a.dtype == self._kv_dtype for a in arrays):
+            raise InputError(f"pass {len(self._past_names)} C-contiguous {self._kv_dtype} arrays "
+                             "(one per past/present pair)")
+        from_numpy = self._ort.OrtValue.ortvalue_from_numpy
+        values = [from_numpy(a)._ortvalue for a in arrays]
+        cache = OrtKVCache(arrays[0].shape[0], arrays[0].shape[2], values, shared=True)
+        cache.host = list(arrays)  # the C values do not keep the arrays alive
+        return cache
 
     def _forward_impl(self, input_ids: np.ndarray, position_ids: np.ndarray,
                       attention_mask: np.ndarray, cache: KVCache, tail: int) -> np.ndarray:
