@@ -172,6 +172,18 @@ class Engine:
     def layout_name(self) -> str:
         return "rows" if isinstance(self.layout, RowSlots) else "aligned"
 
+    def describe(self) -> str:
+        """One line for logs: what serves, and how."""
+        b = self.model.backend
+        graph = getattr(b, "graph", None)
+        line = (f"{b.variant} {('(' + graph + ' graph) ') if graph else ''}"
+                f"{self.options.slots} slots x {self.capacity} positions, {self.layout_name} "
+                f"layout, prefill chunk {self.options.prefill_chunk}")
+        if self.layout_name == "aligned" and graph == "ort":
+            line += ("; this bundle's ONNX-Runtime graph predates per-row lengths: re-export it "
+                     "(`llama-export onnx`) for the faster row layout")
+        return line
+
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Engine:
         with self._cv:
