@@ -94,6 +94,8 @@ class OrtBackend(Backend):
         spec = manifest.graph(variant, self.graph)
         self.logits_mode = str(spec.get("logits", "all"))
         self._shared_kv = spec.get("kv_buffer") == "shared"
+        # Each row's length is the index of its mask's last 1 (ort_ops.py): per-row lengths.
+        self.row_lengths = self.graph == "ort" and spec.get("seqlens") == "last_one"
         self._past_names = [s.name for s in manifest.inputs(variant) if s.name.startswith("past_")]
         self._present_names = [s.name for s in manifest.outputs(variant)
                                if s.name.startswith("present.")]
@@ -153,6 +155,12 @@ class OrtBackend(Backend):
         assert isinstance(cache, OrtKVCache), "cache from another backend"  # programming error
         batch, seq = input_ids.shape
         if self.graph == "ort" and batch > 1 and seq > 1 and cache.length > 0:
+            if self.row_lengths and not attention_mask[:, cache.length:].all():
+                # One token at a time, a masked one would be written at its row's last 1.
+                raise InputError("a batched chunk on top of a past holds masked tokens: this "
+                                 "ONNX-Runtime graph takes each row's length from its mask's "
+                                 "last 1, so feed left padding in the first forward (or use "
+                                 "--graph standard)")
             # GroupQueryAttention takes several new tokens on top of a past only for batch 1
             # (ONNX Runtime 1.32); a batched chunked prefill goes one token at a time.
             c = np.ascontiguousarray

@@ -139,10 +139,14 @@ class Seq(SlotState):
 
 def choose_layout(model: Model, opts: EngineOptions, capacity: int) -> Layout:
     """Per-row slots where the graph supports them (see ``slots.py``), else the aligned path."""
-    backend, m = model.backend, model.manifest
-    rows_ok = (getattr(backend, "graph", None) == "ort"
-               and getattr(getattr(backend, "options", None), "provider", None) == "cpu"
-               and m.graph(backend.variant, "ort").get("seqlens") == "last_one")
+    backend = model.backend
+    row_lengths = bool(getattr(backend, "row_lengths", False))
+    rows_ok = row_lengths and getattr(getattr(backend, "options", None), "provider", None) == "cpu"
+    if opts.layout == "aligned" and row_lengths:
+        # Its joins feed masked pads on top of a past, which such a graph cannot place.
+        raise InputError("the aligned layout needs the standard graph with this bundle's "
+                         "ONNX-Runtime graph (per-row lengths): add --graph standard, or use "
+                         "--layout rows")
     if opts.layout == "rows" and not rows_ok:
         raise InputError("the row layout needs the ONNX-Runtime graph on CPU from a bundle "
                          "exported with per-row lengths: re-export the bundle with "
