@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint bench setup clean
+.PHONY: demo test test-slow lint bench serve setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" -s
+
+# Serve the demo bundle (run `make demo` first) on http://127.0.0.1:8000 (OpenAI-compatible).
+serve: $(STAMP)
+	$(BIN)/llama-export serve $(DEMO_BUNDLE)
 
 bench: $(STAMP)
 	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --runs 3 --baseline torch

@@ -129,7 +129,7 @@ def test_cancel_frees_the_slot(tiny: Any) -> None:
         it = iter(long)
         next(it)
         it.close()  # abandoning the iterator cancels
-        text, last = engine.submit_sync(tiny.encode("abc"), RequestOptions(max_tokens=3)).text()
+        _, last = engine.submit_sync(tiny.encode("abc"), RequestOptions(max_tokens=3)).text()
         snap = engine.snapshot()
     assert last.finish_reason in ("length", "eos")
     assert snap.requests.get("cancelled") == 1 and snap.running == 0
