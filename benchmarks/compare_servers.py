@@ -71,6 +71,19 @@ def servers(args: argparse.Namespace) -> dict[str, list[str]]:
     return out
 
 
+def step_times(url: str) -> dict[str, float]:
+    """Mean engine step time without / with a prompt chunk (ms) over the whole run, from
+    /metrics: the difference is how long a running stream stalls while a request joins."""
+    sums: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        for kind in ("decode_step", "prefill_step"):
+            for part in ("sum", "count"):
+                if line.startswith(f"llama_export_{kind}_seconds_{part} "):
+                    sums[f"{kind}_{part}"] = float(line.split()[1])
+    return {f"{kind}_ms": 1000 * sums[f"{kind}_sum"] / max(sums[f"{kind}_count"], 1)
+            for kind in ("decode_step", "prefill_step")}
+
+
 def bench_single(bundle: str, variant: str, prompt_len: int, gen_len: int) -> float:
     """`llama-export bench`'s end-to-end single-stream tok/s (prefill + decode of gen_len)."""
     out = subprocess.run([CLI, "bench", bundle, "--variant", variant, "--prompt-len",
@@ -105,11 +118,12 @@ def main() -> None:
             try:
                 res = run_load(LoadOptions(url=url, concurrency=levels, prompt_len=args.prompt_len,
                                            gen_len=args.gen_len, pid=proc.pid))
+                steps = step_times(url) if name.startswith("ours") else {}
             finally:
                 proc.terminate()
                 proc.wait(60)
-            samples.setdefault(name, []).append([asdict(lv) for lv in res])
-            print(f"[round {r + 1}] {name}: " + ", ".join(
+            samples.setdefault(name, []).append([{**asdict(lv), **steps} for lv in res])
+            print(f"[round {r + 1}] {name}: {steps} " + ", ".join(
                 f"c{lv.concurrency} {lv.aggregate_tok_s:.0f} tok/s p95 {lv.ttft_p95:.2f}s "
                 f"err {lv.errors}" for lv in res), file=sys.stderr, flush=True)
         if args.single:
@@ -124,6 +138,11 @@ def main() -> None:
 def report(samples: dict[str, list[list[dict[str, Any]]]], levels: tuple[int, ...]) -> None:
     print(f"{'server':24s} {'conc':>4s} {'agg tok/s':>10s} {'stream tok/s':>12s} "
           f"{'TTFT p50':>9s} {'TTFT p95':>9s} {'errors':>6s} {'peak RSS MB':>11s}")
+    for name, rounds in samples.items():  # engine step times, whole run (ours only)
+        if "decode_step_ms" in rounds[0][0]:
+            dec = statistics.median(x[0]["decode_step_ms"] for x in rounds)
+            pre = statistics.median(x[0]["prefill_step_ms"] for x in rounds)
+            print(f"{name}: mean step {dec:.1f} ms, with a prompt chunk {pre:.1f} ms")
     for name, rounds in samples.items():
         if name.startswith("bench-"):
             print(f"{name:24s} {1:4d} {statistics.median(x[0]['tok_s'] for x in rounds):10.1f}"

@@ -196,3 +196,15 @@ def test_engine_needs_no_http_stack() -> None:
             "'prometheus_client', 'torch') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_row_length_graph_refuses_masked_tokens_on_a_past(tiny: Any) -> None:
+    """Such a graph would write a masked new token at its row's last 1: refused, one line."""
+    backend = tiny.backend
+    assert backend.row_lengths
+    cache = backend.new_cache(2, 16)
+    backend.forward(np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)), None, cache)
+    mask = np.ones((2, 5), np.int64)
+    mask[1, 3] = 0
+    with pytest.raises(InputError, match="a batched chunk on top of a past holds masked tokens"):
+        backend.forward(np.ones((2, 2), np.int64), np.full((2, 2), 3), mask, cache)

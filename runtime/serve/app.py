@@ -388,22 +388,22 @@ class _Reply:
 
     def _event(self, index: int | None, text: str | None, finish: str | None = None,
                first: bool = False, usage: p.Usage | None = None) -> str:
-        """One SSE event as OpenAI streams it (``index`` None: the closing usage chunk)."""
-        base = {"id": self.id, "created": self.created, "model": self.model}
-        obj: p.ChatCompletionChunk | p.Completion
-        if self.chat:
-            choices = [] if index is None else [p.ChatChunkChoice(
-                index=index, finish_reason=finish,
-                delta=p.Delta(role="assistant" if first else None, content=text))]
-            obj = p.ChatCompletionChunk(**base, choices=choices, usage=usage)
-        else:
-            choices = [] if index is None else [p.CompletionChoice(index=index, text=text or "",
-                                                                   finish_reason=finish)]
-            obj = p.Completion(**base, choices=choices, usage=usage)
-        data = obj.model_dump(mode="json", exclude_none=usage is None and index is not None)
-        for c in data["choices"]:  # OpenAI sends these null; the delta carries only what is new
-            c.setdefault("finish_reason", None)
-            c.setdefault("logprobs", None)
+        """One SSE event as OpenAI streams it (``index`` None: the closing usage chunk). Plain
+        dicts, not pydantic: this runs once per token per stream."""
+        choices: list[dict[str, Any]] = []
+        if index is not None and self.chat:
+            delta = {"role": "assistant", "content": ""} if first else \
+                ({} if text is None else {"content": text})
+            choices.append({"index": index, "delta": delta, "logprobs": None,
+                            "finish_reason": finish})
+        elif index is not None:
+            choices.append({"index": index, "text": text or "", "logprobs": None,
+                            "finish_reason": finish})
+        data: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat
+                                else "text_completion", "created": self.created,
+                                "model": self.model, "choices": choices}
+        if usage is not None:
+            data["usage"] = usage.model_dump()
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
     async def events(self, streams: list[RequestStream], include_usage: bool

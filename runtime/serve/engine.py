@@ -332,12 +332,11 @@ class Engine:
         t0 = time.perf_counter()
         first, logits = self.layout.run(StepPlan(chunk, [s.tokens[-1] for s in decoders]))
         dt = time.perf_counter() - t0
+        self.metrics.step(dt, len(decoders), prefill=bool(chunk))
         if logits is not None:
-            self.metrics.decode_step(dt, len(decoders))
             for seq, token in zip(decoders, self._sample(decoders, logits), strict=True):
                 self._accept(seq, int(token))
         if pre is not None:
-            self.metrics.prefill(dt)
             pre.prefilled += len(chunk)
             if first is not None and pre.prefilled == len(pre.prompt):
                 self.metrics.first_token(time.perf_counter() - pre.t_submit, len(pre.prompt))

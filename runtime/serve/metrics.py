@@ -52,8 +52,8 @@ class MetricsSnapshot:
     prompt_tokens: int
     generated_tokens: int
     ttft: Histogram
-    step: Histogram
-    prefill_chunk: Histogram
+    decode_step: Histogram  # steps without a prompt chunk
+    prefill_step: Histogram  # steps with one (decoders included)
     request_seconds: Histogram
     batch_size: Histogram
     kv_positions_copied: int
@@ -69,8 +69,8 @@ class EngineMetrics:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.ttft = Histogram(LATENCY_BUCKETS)
-        self.step = Histogram(STEP_BUCKETS)
-        self.prefill_chunk = Histogram(STEP_BUCKETS)
+        self.decode_step = Histogram(STEP_BUCKETS)
+        self.prefill_step = Histogram(STEP_BUCKETS)
         self.request_seconds = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(tuple(float(n) for n in range(1, slots + 1)))
 
@@ -84,14 +84,13 @@ class EngineMetrics:
             self.ttft.observe(seconds)
             self.prompt_tokens += prompt_tokens
 
-    def decode_step(self, seconds: float, batch: int) -> None:
+    def step(self, seconds: float, decoders: int, prefill: bool) -> None:
+        """One engine step: a prompt chunk (``prefill``) and/or one token for ``decoders``.
+        Steps with a chunk are what a running stream waits for a token during an admission."""
         with self._lock:
-            self.step.observe(seconds)
-            self.batch_size.observe(batch)
-
-    def prefill(self, seconds: float) -> None:
-        with self._lock:
-            self.prefill_chunk.observe(seconds)
+            (self.prefill_step if prefill else self.decode_step).observe(seconds)
+            if decoders:
+                self.batch_size.observe(decoders)
 
     def tokens(self, n: int) -> None:
         with self._lock:
@@ -106,5 +105,5 @@ class EngineMetrics:
         with self._lock:
             return MetricsSnapshot(running, waiting, self.slots, dict(self.requests),
                                    self.prompt_tokens, self.generated_tokens, copy(self.ttft),
-                                   copy(self.step), copy(self.prefill_chunk),
+                                   copy(self.decode_step), copy(self.prefill_step),
                                    copy(self.request_seconds), copy(self.batch_size), copied)

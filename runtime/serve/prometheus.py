@@ -39,10 +39,11 @@ def families(s: MetricsSnapshot) -> Iterator[Any]:
     yield CounterMetricFamily(f"{PREFIX}_kv_positions_copied", "KV positions moved to keep "
                               "decoding slots compact.", value=s.kv_positions_copied)
     yield _histogram("time_to_first_token_seconds", "Submit to first token.", s.ttft)
-    yield _histogram("decode_step_seconds", "One engine step with decoders (prefill chunk "
-                     "included when one ran).", s.step)
-    yield _histogram("prefill_chunk_seconds", "One engine step with a prefill chunk.",
-                     s.prefill_chunk)
+    yield _histogram("decode_step_seconds", "Engine steps without a prompt chunk (one token "
+                     "for every decoding request).", s.decode_step)
+    yield _histogram("prefill_step_seconds", "Engine steps with a prompt chunk (decoders "
+                     "included): what a running stream waits while a request joins.",
+                     s.prefill_step)
     yield _histogram("request_seconds", "Submit to finish.", s.request_seconds)
     yield _histogram("batch_occupancy", "Requests decoded per step.", s.batch_size)
 
@@ -59,5 +60,5 @@ def metrics_text(engine: Engine | None) -> tuple[bytes, str]:
     """Prometheus exposition of ``engine`` (empty while it loads)."""
     registry = CollectorRegistry(auto_describe=False)
     if engine is not None:
-        registry.register(_Collector(engine))  # type: ignore[arg-type]
+        registry.register(_Collector(engine))
     return generate_latest(registry), CONTENT_TYPE_LATEST
