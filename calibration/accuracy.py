@@ -1,20 +1,22 @@
 """Accuracy of a variant vs fp32 on held-out text: perplexity, top-1 agreement, mean KL.
 
-Both graphs run the same segments as one prefill each (logits over all positions, which the
-fp32 bundle must have been exported with: ``logits="all"``).
+Both graphs run the same segments as one prefill each when the bundle returns logits for
+every position (``logits="all"``), else in chunks of ``N`` over their own KV cache when it returns
+the last ``N`` (``"tail:N"``; ``"last"`` is ``N`` = 1, slower): the same logits either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from llama_export.runtime.errors import CalibrationError
+from llama_export.runtime.backends.base import logits_window
 from llama_export.runtime.manifest import Manifest
 
-from .data import empty_past, prefill_feed
+from .data import empty_past, past_from_outputs, prefill_feed
 from .graph import ort_session
 
 
@@ -58,18 +60,20 @@ class Gate:
         return out
 
 
-def segment_logits(model: onnx.ModelProto, manifest: Manifest,
+def segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
-    """Per-segment logits ``(seq, vocab)`` from one prefill each."""
+    """Per-segment logits ``(seq, vocab)``: one prefill each, or chunks of the tail window."""
+    window = logits_window(str(manifest.variant("fp32").get("logits", "all")))
     with ort_session(model) as sess:
+        present = [o.name for o in sess.get_outputs()][1:]  # type: ignore[attr-defined]
         out = []
         for seg in segments:
-            logits = sess.run(["logits"], prefill_feed(seg, empty_past(manifest)))[0]  # type: ignore[attr-defined]
-            if logits.shape[1] != len(seg):
-                raise CalibrationError(
-                    "the fp32 variant returns last-position logits only: re-export the bundle "
-                    "with `llama-export onnx --logits all` to measure accuracy")
-            out.append(np.asarray(logits[0], dtype=np.float64))
+            chunk, past, parts = window or len(seg), empty_past(manifest), []
+            for start in range(0, len(seg), chunk):
+                outs = sess.run(None, prefill_feed(seg[start:start + chunk], past))  # type: ignore[attr-defined]
+                parts.append(outs[0][0])
+                past = past_from_outputs(present, outs[1:])
+            out.append(np.asarray(np.concatenate(parts), dtype=np.float64))
     return out
 
 

@@ -23,15 +23,20 @@ from .graph import save_model
 SOURCE_VARIANT = "fp32"
 
 
-def load_fp32(bundle: Path) -> tuple[Manifest, onnx.ModelProto]:
-    """The bundle's manifest and fp32 graph (checked against its sha256)."""
+def fp32_source(bundle: Path) -> tuple[Manifest, Path]:
+    """The bundle's manifest and the path of its fp32 graph (files checked against sha256)."""
     manifest = Manifest.load(bundle)
     if SOURCE_VARIANT not in manifest.variants:
         have = ", ".join(sorted(manifest.variants)) or "none"
         raise BundleError(f"bundle {bundle} has no fp32 variant (has: {have}): quantization "
                           "starts from fp32; re-export with `llama-export onnx --dtype fp32`")
     manifest.verify_files(bundle, manifest.files_of_variant(SOURCE_VARIANT))
-    path = bundle / manifest.variant(SOURCE_VARIANT)["file"]
+    return manifest, bundle / manifest.variant(SOURCE_VARIANT)["file"]
+
+
+def load_fp32(bundle: Path) -> tuple[Manifest, onnx.ModelProto]:
+    """The bundle's manifest and fp32 graph (checked against its sha256)."""
+    manifest, path = fp32_source(bundle)
     return manifest, onnx.load(str(path), load_external_data=True)
 
 

@@ -140,16 +140,20 @@ def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, metho
               help="INT4: lm_head width (8 keeps a GGUF Q8_0 embedding exact; 4 is smaller).")
 @click.option("--mixed/--no-mixed", default=False, show_default=True,
               help="INT4: keep v_proj/down_proj at 8 bits (llama.cpp Q4_K_M's reasoning).")
+@click.option("--follow-source", is_flag=True,
+              help="INT4 from a GGUF bundle: projections whose GGUF type had more than 4 bits "
+                   "(Q5_0, Q6_K, Q8_0, ...) get 8-bit blocks; Q4_0/Q4_1/Q4_K ones stay int4 "
+                   "(exact in the offset format).")
 @_with_eval
 def quantize(bundle: Path, bits: int, block_size: str, lm_head: bool, fmt: str,
-             lm_head_bits: str, mixed: bool, eval_data: Path | None, eval_samples: int,
-             min_top1: float | None, max_ppl_increase: float | None) -> None:
+             lm_head_bits: str, mixed: bool, follow_source: bool, eval_data: Path | None,
+             eval_samples: int, min_top1: float | None, max_ppl_increase: float | None) -> None:
     """Write a weight-only INT4 / INT8 variant of BUNDLE (no calibration data needed)."""
     from .pipeline import QuantizeOptions
     from .pipeline import quantize as run
 
     opts = QuantizeOptions(bits=bits, block_size=int(block_size), lm_head=lm_head, mixed=mixed,
-                           fmt=fmt, lm_head_bits=int(lm_head_bits),
+                           follow_source=follow_source, fmt=fmt, lm_head_bits=int(lm_head_bits),
                            eval=_eval(eval_data, eval_samples, min_top1, max_ppl_increase,
                                       (0.08, 0.0)))
     entry = run(bundle, opts)

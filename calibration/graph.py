@@ -198,10 +198,21 @@ def fresh_name(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes as one protobuf (< 2 GB); protobuf itself refuses to even
+    size a larger message (``EncodeError``), which is the answer too."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() < PROTO_LIMIT
+    except EncodeError:
+        return False
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> str | None:
     """Save (external data ``<name>.data`` past the 2 GB protobuf limit); returns the data file."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    if model.ByteSize() < PROTO_LIMIT:
+    if fits_protobuf(model):
         onnx.save_model(model, str(path))
         return None
     data = path.name + ".data"
@@ -211,19 +222,25 @@ def save_model(model: onnx.ModelProto, path: Path) -> str | None:
 
 
 @contextmanager
-def ort_session(model: onnx.ModelProto, threads: int = 0) -> Iterator[object]:
-    """An ONNX Runtime CPU session on an in-memory model (via a temp file past 2 GB)."""
+def ort_session(model: onnx.ModelProto | Path, threads: int = 0) -> Iterator[object]:
+    """An ONNX Runtime CPU session on an in-memory model (via a temp file past 2 GB) or on a
+    model file (its weights are never held twice: no proto in memory)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if isinstance(model, Path):
+        yield ort.InferenceSession(os.fspath(model), so, providers=["CPUExecutionProvider"])
+        return
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    if model.ByteSize() < PROTO_LIMIT:
+    if fits_protobuf(model):
         yield ort.InferenceSession(model.SerializeToString(), so,
                                    providers=["CPUExecutionProvider"])
         return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.onnx"
-        save_model(model, path)
-        yield ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        save_model(model, path)  # moves the weights out of `model` into the temp data file...
+        sess = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+        onnx.load_external_data_for_model(model, d)  # ...so put them back: callers keep using it
+        yield sess

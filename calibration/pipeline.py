@@ -24,6 +24,7 @@ from llama_export.runtime.tokenizer import Tokenizer
 from .accuracy import Accuracy, Gate, compare, segment_logits
 from .bundle_io import (
     base_entry,
+    fp32_source,
     load_fp32,
     load_ort_graph,
     model_opset,
@@ -44,6 +45,7 @@ from .weight_only import (
     packed_labels,
     quantize_lm_head,
     quantize_weight_only,
+    source_eight_bit_labels,
     upgrade_opset,
 )
 
@@ -110,7 +112,7 @@ class Evaluator:
     segments: Any
     ref: list[Any] = field(default_factory=list)
 
-    def start(self, fp32: onnx.ModelProto) -> Evaluator:
+    def start(self, fp32: onnx.ModelProto | Path) -> Evaluator:
         self.ref = segment_logits(fp32, self.manifest, self.segments)
         return self
 
@@ -327,6 +329,7 @@ class QuantizeOptions:
     block_size: int = 32
     lm_head: bool = True     # 8-bit lm_head in a 4-bit variant (its weight-only 8-bit in int8wo)
     mixed: bool = False      # v_proj / down_proj at 8 bits in a 4-bit variant
+    follow_source: bool = False  # projections from > 4-bit GGUF types at 8 bits (int4 only)
     fmt: str = "offset"      # INT4 format: weight_only.FORMATS
     lm_head_bits: int = 8    # INT4: the quantized lm_head's width (4: smallest, least accurate)
     eval: EvalOptions = field(default_factory=lambda: EvalOptions(gate=Gate(0.08, 0.0)))
@@ -342,16 +345,15 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         raise InputError(f"--lm-head-bits {opts.lm_head_bits} is not supported: use 8 or 4")
     if opts.fmt not in FORMATS:
         raise InputError(f"--format {opts.fmt} is unknown: use {', '.join(FORMATS)}")
-    manifest, fp32 = load_fp32(bundle)
+    manifest, fp32_file = fp32_source(bundle)
     held, held_src = eval_segments(Tokenizer.from_bundle(bundle, manifest.tokenizer), opts.eval,
                                    None)
-    ev = Evaluator(manifest, held).start(fp32)
+    # Reference logits from the bundle's own file first, the graph loaded after: a 1.5B model's
+    # 7 GB of fp32 weights are never in memory twice (once in ONNX Runtime, once in the proto).
+    ev = Evaluator(manifest, held).start(fp32_file)
+    fp32 = onnx.load(str(fp32_file), load_external_data=True)
     labels = [p.label for p in find_projections(fp32)]
-    eight = eight_bit_labels(labels) if opts.bits == 4 and opts.mixed else []
-    if opts.bits == 4 and not opts.mixed and opts.lm_head:
-        eight = [label for label in eight_bit_labels(labels) if label.endswith("lm_head")]
-    if not opts.lm_head or opts.lm_head_bits == 4:
-        eight = [label for label in eight if not label.endswith("lm_head")]
+    eight = _eight_bit(opts, labels, manifest)
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
                                        include_lm_head=opts.lm_head, int8_labels=eight,
                                        fmt=opts.fmt)
@@ -383,6 +385,24 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                               "accuracy": {**ort_acc.to_dict(), "data": held_src.origin}}
     write_variant(bundle, manifest, name, model, entry, ort_model=ort_model)
     return entry
+
+
+def _eight_bit(opts: QuantizeOptions, labels: list[str], manifest: Manifest) -> list[str]:
+    """The projections a 4-bit variant gives 8-bit blocks (none in an 8-bit variant)."""
+    if opts.bits != 4:
+        return []
+    eight = eight_bit_labels(labels)
+    if not opts.mixed:
+        eight = [label for label in eight if label.endswith("lm_head") and opts.lm_head]
+    if opts.follow_source:
+        types = manifest.data.get("provenance", {}).get("gguf_tensor_types")
+        if not types:
+            raise InputError("--follow-source needs a bundle exported from a GGUF file (its "
+                             "manifest records each tensor's GGUF type): drop --follow-source")
+        eight = sorted(set(eight) | set(source_eight_bit_labels(labels, types)))
+    if not opts.lm_head or opts.lm_head_bits == 4:
+        eight = [label for label in eight if not label.endswith("lm_head")]
+    return eight
 
 
 def _weights_text(opts: QuantizeOptions) -> str:

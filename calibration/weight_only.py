@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -157,7 +157,24 @@ def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.Mode
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= opset:
         return model
-    return version_converter.convert_version(model, opset)
+    # The converter serializes the model it is given: past 2 GB protobuf refuses, and below it
+    # every weight would be copied twice. It needs no weight values, so the large initializers
+    # sit out the conversion (as bytes) and go back into both graphs: ``model`` stays intact.
+    aside: dict[str, bytes] = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.DEFAULT and len(t.raw_data) > 1024:
+            aside[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        converted = version_converter.convert_version(model, opset)
+    finally:
+        for t in model.graph.initializer:
+            if t.name in aside:
+                t.raw_data = aside[t.name]
+    for t in converted.graph.initializer:
+        if t.name in aside:
+            t.raw_data = aside.pop(t.name)
+    return converted
 
 
 #   W (K,N) fp32  ══►  W_q int4/int8 (K,N) ──► DequantizeLinear(scale (K/B,N), axis=0,
@@ -283,6 +300,22 @@ def eight_bit_labels(labels: Iterable[str]) -> list[str]:
     (a graph without them simply gets all-4-bit projections and a float lm_head).
     """
     return [label for label in labels if _EIGHT_BIT.search(label)]
+
+
+# GGUF types of at most 4 bits whose blocks of 32 the offset format reproduces exactly: Q4_0
+# (d*(q-8)), Q4_1 (d*q + m) and Q4_K (d*sc*q - dmin*m per sub-block of 32, the 6-bit sc/m
+# folded into the block's float scale and offset).
+EXACT_INT4_SOURCES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def source_eight_bit_labels(labels: Iterable[str], tensor_types: Mapping[str, str]) -> list[str]:
+    """Projections whose GGUF source held more than 4 bits per weight (Q5_0, Q6_K, Q8_0, F16,
+    ...): the source's own bit allocation (llama.cpp's Q4_K_M gives v/down/output Q6_K), kept
+    by giving them 8-bit blocks while 4-bit sources stay int4, exactly. ``tensor_types`` maps
+    transformers weight names (``model.layers.0.mlp.down_proj.weight``) to GGUF types; a
+    projection it does not name keeps 4 bits."""
+    return [label for label in labels
+            if tensor_types.get(label + ".weight", EXACT_INT4_SOURCES[0]) not in EXACT_INT4_SOURCES]
 
 
 def packed_labels(labels: Iterable[str], chosen: Iterable[str]) -> list[str]:

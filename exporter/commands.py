@@ -19,21 +19,31 @@ import click
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Largest batch the bundle declares (TensorRT profiles, runtime checks).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset.")
-@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Logits for every position, or the last one only (faster prefill).")
+@click.option("--logits", default="all", show_default=True, metavar="all|last|tail:N",
+              help="Logits for every position, the last one only (faster prefill), or the last "
+                   "N (tail:16: a cheap prefill that still verifies up to 15 speculative drafts "
+                   "in one forward).")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--no-ort-graph", is_flag=True,
               help="Skip the ONNX-Runtime-optimized graph (contrib ops; the runtime's default on "
                    "CPU): only the standard graph, e.g. for a TensorRT-only bundle.")
+@click.option("--reference-prompts", type=click.Path(path_type=str), default=None,
+              help="Extra prompts for the saved PyTorch references (.txt: one per line; .jsonl: "
+                   "a string, {\"prompt\": ...} or {\"messages\": [...]} per line).")
+@click.option("--no-references", is_flag=True,
+              help="Do not save the PyTorch original's answers (references.npz) that "
+                   "`llama-export parity` compares against on the target.")
 def onnx(model: str | None, out: str, dtype: str, max_seq_len: int | None, max_batch: int,
-         opset: int, logits: str, force: bool, no_verify: bool, no_ort_graph: bool) -> None:
+         opset: int, logits: str, force: bool, no_verify: bool, no_ort_graph: bool,
+         reference_prompts: str | None, no_references: bool) -> None:
     """Export MODEL (HF folder, .gguf file, or omitted: built-in SmolLM2-135M-Instruct)."""
     from .export import ExportOptions, export_bundle
 
     opts = ExportOptions(dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,  # type: ignore[arg-type]
                          opset=opset, logits=logits, force=force, verify=not no_verify,  # type: ignore[arg-type]
-                         ort_graph=not no_ort_graph)
+                         ort_graph=not no_ort_graph, references=not no_references,
+                         reference_prompts=reference_prompts)
     path = export_bundle(model, out, opts)
     click.echo(str(path))
 

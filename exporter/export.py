@@ -24,9 +24,11 @@ from typing import Any, Literal
 
 import torch
 
-from llama_export.runtime.errors import InputError
+from llama_export.runtime.backends.base import logits_window
+from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
 
+from .config import LlamaConfig
 from .model import LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN
@@ -43,30 +45,41 @@ class ExportOptions:
     max_seq_len: int | None = None  # default: the model's max positions, capped at 4096
     max_batch: int = 8
     opset: int = 17
-    logits: Literal["all", "last"] = "all"
+    logits: str = "all"  # all | last | tail:N (the last min(seq, N) positions)
     force: bool = False
     verify: bool = True
     ort_graph: bool = True  # also write the ONNX-Runtime-optimized graph (contrib ops)
+    references: bool = True  # save the original's answers for `llama-export parity`
+    reference_prompts: str | None = None  # extra reference prompts (.txt / .jsonl)
 
 
 _T0 = time.perf_counter()
 
 
 def _stderr_progress(msg: str) -> None:
-    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    print(f"[llama-export {time.perf_counter() - _T0:6.1f}s {peak_rss_mb() / 1024:5.1f} GiB peak] "
+          f"{msg}", file=sys.stderr, flush=True)
 
 
 def _check_options(opts: ExportOptions) -> None:
     if opts.dtype not in VARIANT_FILES:
         raise InputError(f"--dtype {opts.dtype} is not supported: use fp32 or fp16")
-    if opts.logits not in ("all", "last"):
-        raise InputError(f"--logits {opts.logits} is not supported: use all or last")
+    try:
+        logits_window(opts.logits)
+    except BundleError:
+        raise InputError(f"--logits {opts.logits} is not supported: use all, last or tail:N "
+                         "(N >= 1, e.g. tail:16)") from None
     if not 14 <= opts.opset <= 21:
         raise InputError(f"--opset {opts.opset} is not supported: use an opset between 14 and 21")
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
         raise InputError(f"--max-seq-len {opts.max_seq_len} is too small: use at least 2")
     if opts.max_batch < 1:
         raise InputError(f"--max-batch {opts.max_batch} is invalid: use at least 1")
+    if opts.reference_prompts is not None:
+        if not opts.references:
+            raise InputError("--reference-prompts needs references: drop --no-references")
+        from .references import read_prompts_file
+        read_prompts_file(opts.reference_prompts)  # a bad file fails before the long export
 
 
 def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[str],
@@ -85,23 +98,40 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         manifest = _build(src, tmp, opts, progress)
-        if opts.verify:
+        t_verify = time.perf_counter()  # references + verify: the time spent on the original
+        if opts.verify or opts.references:
             from .reference import reference_from_state_dict
-            from .verify import verify_bundle
             ref = reference_from_state_dict(src.config, src.state_dict)
+        if opts.references:
+            from .references import write_references
+            write_references(tmp, manifest, ref, opts.reference_prompts, progress)
+        if opts.verify:
+            from .verify import verify_bundle
             entry = manifest.data["variants"][opts.dtype]
             for graph in ("standard", "ort") if opts.ort_graph else ("standard",):
                 report = verify_bundle(tmp, model, manifest=manifest, reference=ref,
                                        graph=graph, progress=progress)
                 (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
-        manifest.data["provenance"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+        cost = {"export_seconds": round(t_verify - t0, 2),
+                "verify_seconds": round(time.perf_counter() - t_verify, 2),
+                "peak_rss_mb": round(peak_rss_mb())}
+        manifest.data["provenance"].update(cost)
         manifest.save(tmp)  # the manifest is written last: its presence marks a complete bundle
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    progress(f"bundle written to {out}: export {cost['export_seconds']:.1f} s, verify "
+             f"{cost['verify_seconds']:.1f} s, peak RSS {cost['peak_rss_mb'] / 1024:.2f} GiB")
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -124,11 +154,11 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
         files["ort"] = ORT_GRAPH_FILES[opts.dtype]
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
+    _check_names(cfg, src)
     for flavor, file in files.items():
-        module = LlamaDecoder(cfg, last_logits_only=opts.logits == "last", flavor=flavor,  # type: ignore[arg-type]
-                              max_positions=max_seq)
-        module.load_state_dict(src.state_dict, strict=False)
-        _check_loaded(module, src)
+        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
+                                              logits_tail=logits_window(opts.logits),
+                                              max_positions=max_seq)
         module = module.to(dtype).eval()
         progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
                  f"{flavor} graph)")
@@ -146,8 +176,10 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     return manifest
 
 
-def _check_loaded(module: LlamaDecoder, src: Source) -> None:
-    own = {k for k in module.state_dict() if k != "lm_head.weight" or not src.config.tie_word_embeddings}
+def _check_names(cfg: LlamaConfig, src: Source) -> None:
+    with torch.device("meta"):  # names only: no memory, no init
+        own = {k for k in LlamaDecoder(cfg).state_dict()
+               if k != "lm_head.weight" or not cfg.tie_word_embeddings}
     missing = own - set(src.state_dict)
     if missing:  # sources.py validated shapes; this guards against a name-mapping bug
         raise RuntimeError(f"state dict lacks {sorted(missing)[:3]}")
@@ -167,8 +199,7 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"},
                                        "attention_mask": {0: "batch", 1: "total"},
                                        "position_ids": {0: "batch", 1: "seq"},
-                                       "logits": {0: "batch"} if module.last_logits_only
-                                       else {0: "batch", 1: "seq"}}
+                                       "logits": _logits_axes(module.logits_tail)}
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             in_names.append(f"past_key_values.{i}.{kind}")
@@ -183,6 +214,13 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
                           custom_opsets={MS_DOMAIN: 1} if module.flavor == "ort" else None)
 
 
+def _logits_axes(tail: int | None) -> dict[int, str]:
+    """``tail``: min(seq, N) positions, named apart from ``seq`` (they differ past N)."""
+    if tail == 1:
+        return {0: "batch"}
+    return {0: "batch", 1: "seq" if tail is None else "tail"}
+
+
 def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[str, str],
                    data_file: str | None) -> dict[str, Any]:
     import onnx
@@ -194,7 +232,9 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[s
     inputs = [{"name": "input_ids", "dtype": "int64", "dims": ["batch", "seq"]},
               {"name": "attention_mask", "dtype": "int64", "dims": ["batch", "total"]},
               {"name": "position_ids", "dtype": "int64", "dims": ["batch", "seq"]}, *past]
-    logits_dims = ["batch", 1 if opts.logits == "last" else "seq", cfg.vocab_size]
+    window = logits_window(opts.logits)
+    logits_dims = ["batch", "seq" if window is None else 1 if window == 1 else "tail",
+                   cfg.vocab_size]
     outputs = [{"name": "logits", "dtype": fdtype, "dims": logits_dims}, *present]
     from importlib.metadata import version
 

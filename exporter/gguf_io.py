@@ -18,7 +18,16 @@ import numpy as np
 
 from llama_export.runtime.errors import UnsupportedModelError, WeightsError
 
-TensorLoader = Callable[[], np.ndarray]
+
+class TensorLoader:
+    """One GGUF tensor: ``shape`` (HF orientation) and ``qtype`` from the header; calling it
+    dequantizes to float32 (so facts can be checked before any weight is read)."""
+
+    def __init__(self, load: Callable[[], np.ndarray], shape: tuple[int, ...], qtype: str) -> None:
+        self._load, self.shape, self.qtype = load, shape, qtype
+
+    def __call__(self) -> np.ndarray:
+        return self._load()
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -118,20 +127,26 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorLoader]]:
         begin = data_start + offset
         if begin + rows * row_bytes > size:
             raise corrupt(f"tensor {name} extends past the end of the file")
-        loaders[name] = _loader(mm, begin, rows, row_bytes, dims, qtype, dequantize)
+        loaders[name] = TensorLoader(_loader(mm, begin, rows, row_bytes, dims, qtype, dequantize),
+                                     tuple(reversed(dims)), qtype.name)
     return fields, loaders
 
 
 def _loader(mm: np.ndarray, begin: int, rows: int, row_bytes: int, dims: list[int], qtype: Any,
-            dequantize: Callable[[np.ndarray, Any], np.ndarray]) -> TensorLoader:
+            dequantize: Callable[[np.ndarray, Any], np.ndarray]) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         raw = mm[begin:begin + rows * row_bytes].reshape(rows, row_bytes)
+        out = np.empty((rows, dims[0]), dtype=np.float32)
+        # Row chunks of ~32 MB: gguf-py's temporaries are several times their input, which for
+        # a 150k-token embedding would otherwise cost GBs of transient memory.
+        step = max(1, (32 << 20) // (4 * dims[0]))
         try:
-            w = dequantize(raw, qtype)
+            for a in range(0, rows, step):
+                out[a:a + step] = dequantize(raw[a:a + step], qtype).reshape(-1, dims[0])
         except NotImplementedError:
             raise WeightsError(f"GGUF quant type {qtype.name} cannot be dequantized by the gguf "
                                "package: upgrade gguf or convert the file to another type") from None
-        return np.asarray(w, dtype=np.float32).reshape(tuple(reversed(dims)))
+        return out.reshape(tuple(reversed(dims)))
     return load
 
 

@@ -109,11 +109,11 @@ class Attention(nn.Module):
         super().__init__()
         self.flavor = flavor
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_proj = Packed()
 
     def forward(self, x: Tensor, step: StepInputs, past: tuple[Tensor, Tensor]
@@ -200,28 +200,49 @@ class LlamaDecoder(nn.Module):
     """``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
 
     ``past`` is ``k0, v0, k1, v1, ...`` each ``(B, n_kv, P, hd)``; ``attention_mask`` is
-    ``(B, P + T)`` with 0 for (left) padding. ``last_logits_only`` slices before ``lm_head``.
+    ``(B, P + T)`` with 0 for (left) padding. ``logits_tail`` N keeps the last ``min(T, N)``
+    positions before ``lm_head`` (None: all; 1: ``--logits last``).
     """
 
-    def __init__(self, cfg: LlamaConfig, *, last_logits_only: bool = False,
+    def __init__(self, cfg: LlamaConfig, *, logits_tail: int | None = None,
                  flavor: Flavor = "standard", max_positions: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.last_logits_only = last_logits_only
+        self.logits_tail = logits_tail
         self.flavor = flavor
         self.model = LlamaModel(cfg, flavor)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._register_constants(max_positions)
+
+    def _register_constants(self, max_positions: int | None) -> None:
         # Constants, not buffers that change: exported as initializers.
+        cfg = self.cfg
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        if flavor == "ort":  # RotaryEmbedding looks positions up in (max_pos, hd/2) tables
+        if self.flavor == "ort":  # RotaryEmbedding looks positions up in (max_pos, hd/2) tables
             cos, sin = ort_ops.rope_caches(self.inv_freq, max_positions or cfg.max_position_embeddings)
             self.cos_cache: Tensor
             self.sin_cache: Tensor
             self.register_buffer("cos_cache", cos, persistent=False)
             self.register_buffer("sin_cache", sin, persistent=False)
+
+    @classmethod
+    def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, Tensor], *,
+                        logits_tail: int | None = None, flavor: Flavor = "standard",
+                        max_positions: int | None = None) -> LlamaDecoder:
+        """A decoder whose parameters *are* ``state_dict``'s tensors: built on the meta device
+        (no random init) and assigned, so a 6 GB model is not held twice. Missing names stay
+        on the meta device (callers check names first)."""
+        with torch.device("meta"):
+            module = cls(cfg, logits_tail=logits_tail, flavor=flavor,
+                         max_positions=max_positions)
+        module.load_state_dict(state_dict, strict=False, assign=True)
+        if cfg.tie_word_embeddings:  # assign replaced the shared Parameter: tie again
+            module.lm_head.weight = module.model.embed_tokens.weight
+        module._register_constants(max_positions)
+        return module
 
     def _mask(self, attention_mask: Tensor, T: int, S: int,
               dtype: torch.dtype = torch.float32) -> Tensor:
@@ -264,8 +285,9 @@ class LlamaDecoder(nn.Module):
             x, pending, k, v = layer(x, pending, step, (past[2 * i], past[2 * i + 1]))
             presents += [k, v]
         assert pending is not None  # num_layers >= 1
-        if self.last_logits_only:
-            x, pending = x[:, -1:, :], pending[:, -1:, :]
+        if self.logits_tail is not None:  # ONNX Slice clamps: T < N keeps all T positions
+            n = self.logits_tail
+            x, pending = x[:, -n:, :], pending[:, -n:, :]
         h, _ = self.model.norm.skip(x, pending, self.flavor == "ort")
-        logits = self.lm_head(h)                                              # (B, T|1, V)
+        logits = self.lm_head(h)                                              # (B, min(T,N), V)
         return (logits, *presents)

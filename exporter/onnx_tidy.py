@@ -14,11 +14,12 @@ graphs in 0.72 GB instead of 1.30 GB.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 # onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 by default (shared/DESIGN.md §9).
 MAX_IR_VERSION = 10
@@ -63,51 +64,110 @@ def rename_matmul_weights(model: onnx.ModelProto) -> int:
 def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]], external_threshold: int) -> str | None:
     """Tidy each ``(src, dst)``. One graph under ``external_threshold`` is saved inline (None is
     returned); otherwise all weights go into one shared ``<first dst>.data`` (its name returned).
+
+    Graphs are processed one at a time and weights streamed one tensor at a time, so memory
+    holds at most one graph's structure and one weight, whatever the model size (a 1.5B fp32
+    export would otherwise hold both graphs' 6 GB of weights at once).
     """
-    models = []
-    for src, _ in pairs:
-        model = onnx.load(str(src), load_external_data=True)
-        rename_matmul_weights(model)
-        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        model.producer_name = "llama-export"
-        models.append(model)
-    size = sum(len(t.raw_data) for t in models[0].graph.initializer)
-    if len(pairs) == 1 and size < external_threshold:
+    models = [_load_tidy(src) for src, _ in pairs[:1]]
+    if len(pairs) == 1 and sum(_nbytes(t, pairs[0][0].parent) for t in models[0].graph.initializer
+                               ) < external_threshold:
+        onnx.load_external_data_for_model(models[0], str(pairs[0][0].parent))
         onnx.save_model(models[0], str(pairs[0][1]))
         return None
     data_name = pairs[0][1].name + ".data"
-    _externalize_shared(models, pairs[0][1].parent / data_name, data_name)
-    for model, (_, dst) in zip(models, pairs, strict=True):
-        onnx.save_model(model, str(dst))
+    with _SharedData(pairs[0][1].parent / data_name, data_name) as shared:
+        for i, (src, dst) in enumerate(pairs):
+            model = models.pop() if i == 0 else _load_tidy(src)
+            shared.externalize(model, src.parent)
+            onnx.save_model(model, str(dst))
+            del model
     return data_name
+
+
+def _load_tidy(src: Path) -> onnx.ModelProto:
+    model = onnx.load(str(src), load_external_data=False)  # weights stay on disk until streamed
+    for t in _attribute_tensors(model):  # Constant nodes' values (RoPE tables): small, inline
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(src.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    rename_matmul_weights(model)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    model.producer_name = "llama-export"
+    return model
+
+
+def _attribute_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+
+
+def _external(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _nbytes(t: onnx.TensorProto, base: Path) -> int:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return len(t.raw_data) or t.ByteSize()
+    ext = _external(t)
+    return int(ext["length"]) if "length" in ext else (base / ext["location"]).stat().st_size
+
+
+def _read(t: onnx.TensorProto, base: Path) -> bytes:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+    ext = _external(t)
+    with open(base / ext["location"], "rb") as f:
+        f.seek(int(ext.get("offset", 0)))
+        return f.read(int(ext["length"])) if "length" in ext else f.read()
 
 
 ALIGN = 4096  # page-aligned offsets: ONNX Runtime can map them without copying
 
 
-def _externalize_shared(models: Sequence[onnx.ModelProto], path: Path, location: str,
-                        size_threshold: int = 1024) -> None:
-    """Move every initializer of ``size_threshold`` bytes or more into ``path``, each distinct
-    byte string once (the same weight in two graphs gets one offset)."""
-    written: dict[bytes, tuple[int, int]] = {}
-    with open(path, "wb") as f:
-        for model in models:
-            for t in model.graph.initializer:
-                raw = t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
-                if len(raw) < size_threshold:
-                    continue
-                key = hashlib.sha256(raw).digest()
-                if key not in written:
-                    f.write(b"\0" * (-f.tell() % ALIGN))
-                    written[key] = (f.tell(), len(raw))
-                    f.write(raw)
-                offset, length = written[key]
-                dims, dtype, name = list(t.dims), t.data_type, t.name
-                t.Clear()
-                t.name, t.data_type = name, dtype
-                t.dims.extend(dims)
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for k, v in (("location", location), ("offset", str(offset)),
-                             ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
+class _SharedData:
+    """One data file for several graphs: every initializer of ``size_threshold`` bytes or more
+    moves into it, each distinct byte string once (the same weight in two graphs gets one
+    offset)."""
+
+    def __init__(self, path: Path, location: str, size_threshold: int = 1024) -> None:
+        self.path, self.location, self.size_threshold = path, location, size_threshold
+        self.written: dict[bytes, tuple[int, int]] = {}
+
+    def __enter__(self) -> _SharedData:
+        self.f = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def externalize(self, model: onnx.ModelProto, base: Path) -> None:
+        for t in model.graph.initializer:
+            if _nbytes(t, base) < self.size_threshold:
+                if t.data_location == onnx.TensorProto.EXTERNAL:  # small: back inline
+                    raw = _read(t, base)
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    t.raw_data = raw
+                continue
+            raw = _read(t, base)
+            key = hashlib.sha256(raw).digest()
+            if key not in self.written:
+                self.f.write(b"\0" * (-self.f.tell() % ALIGN))
+                self.written[key] = (self.f.tell(), len(raw))
+                self.f.write(raw)
+            del raw
+            offset, length = self.written[key]
+            dims, dtype, name = list(t.dims), t.data_type, t.name
+            t.Clear()
+            t.name, t.data_type = name, dtype
+            t.dims.extend(dims)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", self.location), ("offset", str(offset)),
+                         ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v

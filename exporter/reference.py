@@ -1,4 +1,5 @@
-"""The PyTorch original: transformers' ``LlamaForCausalLM`` holding the same weights.
+"""The PyTorch original: transformers' ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for the Qwen2
+family) holding the same weights.
 
 For a GGUF source, transformers loads the GGUF itself (its own dequantization and Q/K
 un-permutation), so parity also checks our GGUF reading. For a HF folder it loads the
@@ -16,10 +17,18 @@ from .config import LlamaConfig
 from .sources import builtin_gguf_path, load_source
 
 
-def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | None = None) -> Any:
-    """transformers ``LlamaForCausalLM`` in fp32, eval mode, eager attention."""
-    import torch
+def hf_classes(family: str) -> tuple[Any, Any]:
+    """``(config class, model class)`` of transformers for a config family."""
     import transformers
+
+    if family == "qwen2":
+        return transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+    return transformers.LlamaConfig, transformers.LlamaForCausalLM
+
+
+def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | None = None) -> Any:
+    """transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` in fp32, eval mode, eager attention."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -27,34 +36,38 @@ def load_reference(model: str | os.PathLike[str] | None, config: LlamaConfig | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if path.is_file():  # GGUF
-            ref = transformers.LlamaForCausalLM.from_pretrained(
+            from .gguf_io import read_gguf
+
+            family = str(read_gguf(path)[0].get("general.architecture"))
+            ref = hf_classes(family)[1].from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32,
                 attn_implementation="eager")
         else:
             cfg = config if config is not None else load_source(path).config
-            hf_cfg = transformers.LlamaConfig(**cfg.to_hf_dict())
-            ref = transformers.LlamaForCausalLM.from_pretrained(
+            config_cls, model_cls = hf_classes(cfg.family)
+            hf_cfg = config_cls(**cfg.to_hf_dict())
+            ref = model_cls.from_pretrained(
                 str(path), config=hf_cfg, dtype=torch.float32, use_safetensors=True,
                 attn_implementation="eager")
     return ref.eval()
 
 
 def reference_from_state_dict(config: LlamaConfig, state_dict: dict[str, Any]) -> Any:
-    """transformers ``LlamaForCausalLM`` built around an already-loaded canonical state dict.
+    """transformers' model built around an already-loaded canonical state dict, sharing its
+    tensors (``assign``: no second copy of the weights in memory).
 
     Used by the export-time check (the source was just read; reading it again through
     transformers would double the export time). The independent load path is covered by
     ``load_reference`` in the tests.
     """
-    import transformers
-
-    hf_cfg = transformers.LlamaConfig(**config.to_hf_dict())
+    config_cls, model_cls = hf_classes(config.family)
+    hf_cfg = config_cls(**config.to_hf_dict())
     hf_cfg._attn_implementation = "eager"
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is overwritten below; random init would cost seconds
-        ref = transformers.LlamaForCausalLM(hf_cfg)
-    missing, _ = ref.load_state_dict(state_dict, strict=False)
+        ref = model_cls(hf_cfg)
+    missing, _ = ref.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
         raise RuntimeError(f"reference model did not receive {missing[:3]}")

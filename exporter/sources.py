@@ -86,16 +86,18 @@ def _load_hf(folder: Path, progress: Progress) -> Source:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{cfg_path} is not valid JSON ({e}): fix or re-download it") from None
+    # Cheap, decisive facts first: config, then the weight file list, then the tokenizer, and
+    # only then the weights (seconds to minutes for a large model).
     config = config_from_hf(raw, name=folder.resolve().name)
     files = _safetensors_files(folder)
-    progress(f"loading {len(files)} safetensors file(s) from {folder}")
-    state = _read_safetensors(files)
     tok_files = {n: (folder / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
                                                          "chat_template.jinja")
                  if (folder / n).is_file()}
     if "tokenizer.json" not in tok_files:
         tok_files.update(_convert_tokenizer(folder))
     info = _tokenizer_info_hf(folder, tok_files)
+    progress(f"loading {len(files)} safetensors file(s) from {folder}")
+    state = _read_safetensors(files)
     fp = _fingerprint(files)
     return Source(config, _canonical(state, config), tok_files, info, str(folder.resolve()), "hf", fp)
 
@@ -159,22 +161,28 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def _canonical(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Float32 tensors under transformers' names, checked against the config's shapes."""
     out = {k: v.float() for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+    expected = _check_shapes({k: tuple(v.shape) for k, v in out.items()}, cfg)
+    return {k: out[k] for k in expected}
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     expected = expected_shapes(cfg)
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         raise WeightsError(f"weights are missing {len(missing)} tensor(s), e.g. {missing[0]}: the "
                            "checkpoint does not match config.json")
     for k, shape in expected.items():
-        if tuple(out[k].shape) != shape:
-            raise WeightsError(f"tensor {k} has shape {tuple(out[k].shape)}, config.json implies "
+        if tuple(shapes[k]) != shape:
+            raise WeightsError(f"tensor {k} has shape {tuple(shapes[k])}, config.json implies "
                                f"{shape}: the checkpoint does not match its config")
-    return {k: out[k] for k in expected}
+    return expected
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     D, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    bias = {"q_proj": cfg.qkv_bias, "k_proj": cfg.qkv_bias, "v_proj": cfg.qkv_bias,
+            "o_proj": cfg.o_bias, "gate_proj": cfg.mlp_bias, "up_proj": cfg.mlp_bias,
+            "down_proj": cfg.mlp_bias}
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D),
                                           "model.norm.weight": (D,)}
     if not cfg.tie_word_embeddings:
@@ -186,8 +194,7 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
                 "mlp.gate_proj": (ff, D), "mlp.up_proj": (ff, D), "mlp.down_proj": (D, ff)}
         for name, shape in proj.items():
             shapes[p + name + ".weight"] = shape
-            is_attn = name.startswith("self_attn")
-            if (cfg.attention_bias and is_attn) or (cfg.mlp_bias and not is_attn):
+            if bias[name.split(".")[1]]:
                 shapes[p + name + ".bias"] = (shape[0],)
         shapes[p + "input_layernorm.weight"] = (D,)
         shapes[p + "post_attention_layernorm.weight"] = (D,)
@@ -278,26 +285,28 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _load_gguf(path: Path, progress: Progress) -> Source:
-    from .gguf_io import read_gguf
+    from .gguf_io import read_gguf, tokenizer_from_gguf
 
     progress(f"reading GGUF {path.name}")
     fields, tensors = read_gguf(path)
     config = config_from_gguf(fields, name=str(fields.get("general.name") or path.stem),
                               has_output_weight="output.weight" in tensors)
-    progress(f"dequantizing {len(tensors)} tensors")
+    tok_files, info = tokenizer_from_gguf(fields)  # before the weights: a bad vocabulary fails fast
+    names = {g: n for g in tensors if (n := _gguf_name(g)) is not None}  # rope_freqs: from config
+    _check_shapes({n: tensors[g].shape for g, n in names.items()}, config)
+    progress(f"dequantizing {len(names)} tensors")
     state: dict[str, torch.Tensor] = {}
-    for gname, load in tensors.items():
-        name = _gguf_name(gname)
-        if name is None:
-            continue  # e.g. rope_freqs: derived from the config, not a weight
-        w = load()
-        if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, config.num_kv_heads)
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: GGUF is mmapped read-only
-    from .gguf_io import tokenizer_from_gguf
-
-    tok_files, info = tokenizer_from_gguf(fields)
+    for i, (gname, name) in enumerate(names.items()):
+        w = tensors[gname]()
+        if config.family == "llama":  # llama.cpp permutes Q/K rows for llama only (not NEOX rope)
+            if name.endswith("q_proj.weight"):
+                w = unpermute_qk(w, config.num_heads)
+            elif name.endswith("k_proj.weight"):
+                w = unpermute_qk(w, config.num_kv_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))  # a fresh float32 array each
+        if (i + 1) % 100 == 0:
+            progress(f"dequantized {i + 1}/{len(names)} tensors")
+    types = {n: tensors[g].qtype for g, n in names.items()}
     return Source(config, _canonical(state, config), tok_files, info, str(path), "gguf",
-                  _fingerprint([path]), extra={"gguf_file_type": fields.get("general.file_type")})
+                  _fingerprint([path]), extra={"gguf_file_type": fields.get("general.file_type"),
+                                               "gguf_tensor_types": types})

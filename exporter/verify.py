@@ -106,7 +106,7 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     bundle = Path(bundle)
     manifest = manifest or Manifest.load(bundle)
     variant = variant or manifest.default_variant()
-    progress(f"verifying {variant} ({graph} graph) against transformers LlamaForCausalLM "
+    progress(f"verifying {variant} ({graph} graph) against transformers' original "
              "(ONNX Runtime CPU)")
     ours = _OrtStepper(bundle, manifest, variant, graph)  # fails fast on a missing graph
     if reference is None:

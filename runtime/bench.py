@@ -22,6 +22,8 @@ from typing import Any
 
 from llama_export.runtime.bundle import Model
 from llama_export.runtime.errors import InputError, MissingDependencyError
+from llama_export.runtime.generate import GenerationStats
+from llama_export.runtime.speculative import SpeculativeOptions
 
 Progress = Callable[[str], None]
 
@@ -53,6 +55,8 @@ class BenchResult:
     outside_share: float | None  # None when the engine call is not separately timed
     peak_rss_mb: float
     runs: list[dict[str, float]] = field(default_factory=list)
+    acceptance_rate: float | None = None  # speculative decoding: drafts the target kept
+    tokens_per_forward: float | None = None  # decode tokens per target forward
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +92,20 @@ def ours_label(model: Model) -> str:
 Runner = Callable[[], dict[str, float]]  # one run → {"prefill_tok_s", "decode_tok_s", ...}
 
 
-def ours_runner(model: Model, opts: BenchOptions) -> Runner:
+def generation_figures(stats: GenerationStats, batch: int = 1) -> dict[str, float]:
+    """One run's figures from its stats (speculation adds acceptance and tokens/forward)."""
+    out = {"prefill_tok_s": stats.prompt_tokens / stats.prefill_seconds,
+           "decode_tok_s": batch * stats.decode_tokens / stats.decode_seconds,
+           "outside_share": 1.0 - stats.decode_engine_seconds / stats.decode_seconds}
+    if stats.acceptance_rate is not None:
+        out["acceptance_rate"] = stats.acceptance_rate
+    if stats.tokens_per_forward is not None and stats.drafted_tokens:
+        out["tokens_per_forward"] = stats.tokens_per_forward
+    return out
+
+
+def ours_runner(model: Model, opts: BenchOptions,
+                speculative: SpeculativeOptions | None = None) -> Runner:
     """Greedy generation of exactly ``gen_len`` tokens (EOS ignored) per call."""
     prompt = [synthetic_prompt(model, opts.prompt_len)] * opts.batch
     if opts.prompt_len + opts.gen_len > model.manifest.max_context:
@@ -96,13 +113,11 @@ def ours_runner(model: Model, opts: BenchOptions) -> Runner:
                          f"{model.manifest.max_context}: lower one of them")
 
     def run() -> dict[str, float]:
-        gen = model.start(prompt, max_new_tokens=opts.gen_len, eos_token_ids=())
+        gen = model.start(prompt, max_new_tokens=opts.gen_len, eos_token_ids=(),
+                          speculative=speculative)
         for _ in gen:
             pass
-        s = gen.stats
-        return {"prefill_tok_s": s.prompt_tokens / s.prefill_seconds,
-                "decode_tok_s": opts.batch * s.decode_steps / s.decode_seconds,
-                "outside_share": 1.0 - s.decode_engine_seconds / s.decode_seconds}
+        return generation_figures(gen.stats, opts.batch)
 
     return run
 
@@ -168,6 +183,9 @@ def measure(runners: dict[str, Runner], runs: int,
             res = run()
             rss.setdefault(name, peak_rss_mb())  # after its first run: before later engines load
             outside = f", outside engine {res['outside_share']:.1%}" if "outside_share" in res else ""
+            if "acceptance_rate" in res:
+                outside += (f", acceptance {res['acceptance_rate']:.0%}, "
+                            f"{res.get('tokens_per_forward', 1.0):.2f} tokens/forward")
             progress(f"{name} {'warm-up' if r == 0 else f'run {r}/{runs}'}: prefill "
                      f"{res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.1f} tok/s"
                      f"{outside}")
@@ -178,20 +196,27 @@ def measure(runners: dict[str, Runner], runs: int,
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
         out.append(BenchResult(name, med["prefill_tok_s"], med["decode_tok_s"],
                                1000.0 / med["decode_tok_s"], med.get("outside_share"), rss[name],
-                               rows))
+                               rows, med.get("acceptance_rate"), med.get("tokens_per_forward")))
     return out
 
 
-def format_table(results: Sequence[BenchResult]) -> str:
-    """Plain-text table; ratios are relative to the first row (ours)."""
+def format_table(results: Sequence[BenchResult],
+                 ratios: Sequence[tuple[str, str]] | None = None) -> str:
+    """Plain-text table, then ``a / b`` speed ratios for each pair of names in ``ratios``
+    (default: the first row against each other row)."""
     base = results[0]
-    lines = [f"{'':14s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ms/token':>9s} "
-             f"{'outside':>8s} {'peak RSS MB':>12s}"]
+    lines = [f"{'':22s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ms/token':>9s} "
+             f"{'outside':>8s} {'accept':>7s} {'tok/fwd':>8s} {'peak RSS MB':>12s}"]
     for r in results:
         outside = f"{r.outside_share:.1%}" if r.outside_share is not None else "-"
-        lines.append(f"{r.name:14s} {r.prefill_tok_s:14.1f} {r.decode_tok_s:13.1f} "
-                     f"{r.ms_per_token:9.2f} {outside:>8s} {r.peak_rss_mb:12.0f}")
-    for r in results[1:]:
-        lines.append(f"{base.name} / {r.name}: prefill {base.prefill_tok_s / r.prefill_tok_s:.2f}x, "
-                     f"decode {base.decode_tok_s / r.decode_tok_s:.2f}x")
+        accept = f"{r.acceptance_rate:.0%}" if r.acceptance_rate is not None else "-"
+        per_fwd = f"{r.tokens_per_forward:.2f}" if r.tokens_per_forward is not None else "-"
+        lines.append(f"{r.name:22s} {r.prefill_tok_s:14.1f} {r.decode_tok_s:13.1f} "
+                     f"{r.ms_per_token:9.2f} {outside:>8s} {accept:>7s} {per_fwd:>8s} "
+                     f"{r.peak_rss_mb:12.0f}")
+    by_name = {r.name: r for r in results}
+    for a, b in ratios if ratios is not None else [(base.name, r.name) for r in results[1:]]:
+        x, y = by_name[a], by_name[b]
+        lines.append(f"{a} / {b}: prefill {x.prefill_tok_s / y.prefill_tok_s:.2f}x, "
+                     f"decode {x.decode_tok_s / y.decode_tok_s:.2f}x")
     return "\n".join(lines)

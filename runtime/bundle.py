@@ -20,6 +20,8 @@ from llama_export.runtime.errors import InputError
 from llama_export.runtime.generate import BatchGeneration, Completion, GenerationOptions
 from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.sampling import SamplingOptions
+from llama_export.runtime.spec_generate import Drafter, LookupDrafter, SpeculativeGeneration
+from llama_export.runtime.speculative import SpeculativeOptions
 from llama_export.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("ort", "trt")
@@ -50,6 +52,7 @@ class Model:
                  tokenizer: Tokenizer) -> None:
         self.path, self.manifest, self.backend, self.tokenizer = path, manifest, backend, tokenizer
         self.last_generation: BatchGeneration | None = None  # its .stats feed the bench
+        self._drafts: dict[str, Model] = {}  # draft bundles for draft-model speculation
 
     def __enter__(self) -> Model:
         return self
@@ -58,7 +61,18 @@ class Model:
         self.close()
 
     def close(self) -> None:
+        for draft in self._drafts.values():
+            draft.close()
+        self._drafts.clear()
         self.backend.close()
+
+    def attach_draft(self, draft: Model, key: str | None = None) -> None:
+        """Use ``draft`` (closed with this model) for ``speculative=draft:<its path>`` (or
+        ``key``: ``PATH@VARIANT``); its tokenizer must be this model's."""
+        from llama_export.runtime.draft_model import check_same_tokenizer
+
+        check_same_tokenizer(self, draft)
+        self._drafts[key or f"{draft.path}@"] = draft
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -77,10 +91,32 @@ class Model:
     def start(self, prompt_ids: Sequence[Sequence[int]], options: GenerationOptions | None = None,
               **overrides: Any) -> BatchGeneration:
         """A generation over token-id prompts: iterate it for pieces, then read completions."""
-        gen = BatchGeneration(self.backend, self.tokenizer, prompt_ids,
-                              make_options(options, **overrides))
+        opts = make_options(options, **overrides)
+        gen = BatchGeneration(self.backend, self.tokenizer, prompt_ids, opts) \
+            if opts.speculative is None else self._speculative(prompt_ids, opts, opts.speculative)
         self.last_generation = gen
         return gen
+
+    def _speculative(self, prompt_ids: Sequence[Sequence[int]], opts: GenerationOptions,
+                     spec: SpeculativeOptions) -> BatchGeneration:
+        drafter: Drafter = LookupDrafter(spec)
+        if spec.mode == "draft":
+            from llama_export.runtime.draft_model import DraftModelDrafter
+
+            assert spec.draft_bundle is not None  # SpeculativeOptions checks it
+            key = f"{Path(spec.draft_bundle)}@{spec.draft_variant or ''}"
+            if key not in self._drafts:  # same backend settings as this model, loaded once
+                draft = load_bundle(spec.draft_bundle, spec.draft_variant, **self._load_settings())
+                self.attach_draft(draft, key)
+            drafter = DraftModelDrafter(self, self._drafts[key])
+        return SpeculativeGeneration(self.backend, self.tokenizer, prompt_ids, opts, drafter, spec)
+
+    def _load_settings(self) -> dict[str, Any]:
+        opts = getattr(self.backend, "options", None)
+        if opts is None or not hasattr(opts, "provider"):  # not ONNX Runtime
+            return {"backend": "trt"}
+        return {"backend": "ort", "provider": opts.provider, "threads": opts.threads,
+                "spin": opts.spin}
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]],
                      options: GenerationOptions | None = None, **overrides: Any) -> list[Completion]:

@@ -43,6 +43,9 @@ COMMANDS: dict[str, _Entry] = {
                         "Calibrate activations and write the INT8 (SmoothQuant W8A8 Q/DQ) variant."),
     "quantize": _Entry("llama_export.calibration.commands", "quantize", "calibrate",
                        "Write a weight-only INT4/INT8 variant (no calibration data needed)."),
+    "parity": _Entry("llama_export.runtime.parity.commands", "parity", "ort",
+                     "Compare variants/engines with the PyTorch original's saved answers "
+                     "(torch-free)."),
     "trt": _Entry("llama_export.calibration.trt_commands", "trt", "gpu",
                   "Build a strongly typed TensorRT engine (FP32/FP16/INT8/INT4) for this GPU."),
 }

@@ -29,6 +29,19 @@ _GRAPH_HELP = ("ONNX Runtime graph: auto = the ONNX-Runtime-optimized graph on C
                "variant has one, else the standard graph.")
 
 
+_SPEC_HELP = ("Speculative decoding: lookup (drafts copied from the prompt / text so far) or "
+              "draft:BUNDLE (a smaller bundle with the same tokenizer). Greedy text is unchanged.")
+_DRAFT_TOKENS_HELP = "Most drafts verified per forward (adaptive below it)."
+
+
+def _speculative(spec: str | None, draft_tokens: int) -> Any:
+    if spec is None:
+        return None
+    from llama_export.runtime.speculative import SpeculativeOptions
+
+    return SpeculativeOptions.parse(spec, draft_tokens)
+
+
 _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle machine; "
               "--no-spin is faster when other processes share the cores.")
 
@@ -53,15 +66,18 @@ _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle mac
 @click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
 @click.option("--graph", type=click.Choice(["auto", "standard", "ort"]), default="auto",
               show_default=True, help=_GRAPH_HELP)
+@click.option("--speculative", "spec", metavar="lookup|draft:BUNDLE", help=_SPEC_HELP)
+@click.option("--draft-tokens", default=8, show_default=True, type=int, help=_DRAFT_TOKENS_HELP)
 def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str | None,
              variant: str | None, backend: str, provider: str, threads: int | None, spin: bool,
-             graph: str, **sampling: Any) -> None:
+             graph: str, spec: str | None, draft_tokens: int, **sampling: Any) -> None:
     """Generate text from BUNDLE, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise InputError("pass exactly one of --prompt TEXT or --chat TEXT")
     if system and chat_text is None:
         raise InputError("--system needs --chat: pass the user message with --chat")
     sampling["stop"] = tuple(sampling["stop"])
+    sampling["speculative"] = _speculative(spec, draft_tokens)
     with _load(bundle, variant, backend, provider, threads, spin, graph) as model:
         if chat_text is not None:
             messages = [{"role": "system", "content": system}] if system else []
@@ -91,18 +107,32 @@ def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str
 @click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
 @click.option("--graph", type=click.Choice(["auto", "standard", "ort", "both"]), default="auto",
               show_default=True, help=_GRAPH_HELP + " both: measure the two, interleaved.")
+@click.option("--speculative", "spec", metavar="lookup|draft:BUNDLE",
+              help=_SPEC_HELP + " Measured beside plain decoding, interleaved.")
+@click.option("--draft-tokens", default=8, show_default=True, type=int, help=_DRAFT_TOKENS_HELP)
+@click.option("--tasks", type=click.Choice(["synthetic", "grounded", "chat", "all"]),
+              default="synthetic", show_default=True,
+              help="synthetic: --prompt-len tokens of filler text, EOS ignored; grounded / chat / "
+                   "all: the built-in task prompts (up to --gen-len tokens each, EOS honoured).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, threads: int | None,
           variant: str | None, backend: str, provider: str, baseline: str, source: str | None,
-          spin: bool, graph: str, as_json: bool) -> None:
+          spin: bool, graph: str, spec: str | None, draft_tokens: int, tasks: str,
+          as_json: bool) -> None:
     """Benchmark prefill/decode speed of BUNDLE (medians; progress on stderr)."""
     from llama_export.runtime import bench as b
 
     opts = b.BenchOptions(prompt_len=prompt_len, gen_len=gen_len, batch=batch, runs=runs)
+    speculative = _speculative(spec, draft_tokens)
     with contextlib.ExitStack() as stack:
         model = stack.enter_context(_load(bundle, variant, backend, provider, threads, spin,
                                           "ort" if graph == "both" else graph))
+        if tasks != "synthetic":
+            _bench_tasks(model, opts, tasks, speculative, as_json)
+            return
         runners = {b.ours_label(model): b.ours_runner(model, opts)}
+        if speculative is not None:
+            runners[f"{b.ours_label(model)}+{spec}"] = b.ours_runner(model, opts, speculative)
         if graph == "both":
             standard = stack.enter_context(_load(bundle, variant, backend, provider, threads,
                                                  spin, "standard"))
@@ -118,3 +148,27 @@ def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, thr
                                "results": [r.as_dict() for r in results]}, indent=2))
     else:
         click.echo(b.format_table(results))
+
+
+def _bench_tasks(model: Any, opts: Any, tasks: str, speculative: Any, as_json: bool) -> None:
+    """Plain (and speculative) greedy decoding over the built-in task prompts, interleaved."""
+    from llama_export.runtime import bench as b
+    from llama_export.runtime import spec_bench as sb
+
+    if opts.batch != 1:
+        raise InputError("--tasks runs one prompt at a time: drop --batch")
+    categories = list(sb.CATEGORIES) if tasks == "all" else [tasks]
+    runners, pairs = {}, []
+    for cat in categories:
+        chosen = sb.builtin_tasks(model, [cat], opts.gen_len)
+        runners[f"{cat}:plain"] = sb.tasks_runner(model, chosen, opts.gen_len)
+        if speculative is not None:
+            label = f"{cat}:{sb.speculation_label(speculative)}"
+            runners[label] = sb.tasks_runner(model, chosen, opts.gen_len, speculative)
+            pairs.append((label, f"{cat}:plain"))
+    results = b.measure(runners, opts.runs)
+    if as_json:
+        click.echo(json.dumps({"options": dataclasses.asdict(opts), "tasks": tasks,
+                               "results": [r.as_dict() for r in results]}, indent=2))
+        return
+    click.echo(b.format_table(results, pairs))

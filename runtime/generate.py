@@ -18,6 +18,7 @@ import numpy as np
 from llama_export.runtime.backends.base import Backend, KVCache
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.sampling import SamplingOptions, sample
+from llama_export.runtime.speculative import SpeculativeOptions
 from llama_export.runtime.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
 FinishReason = Literal["eos", "stop", "length", "context"]
@@ -26,12 +27,14 @@ FinishReason = Literal["eos", "stop", "length", "context"]
 @dataclass(frozen=True)
 class GenerationOptions:
     """``max_new_tokens`` ≥ 1; ``stop``: strings that end a sequence (never emitted);
-    ``eos_token_ids``: None = the bundle's EOS ids."""
+    ``eos_token_ids``: None = the bundle's EOS ids; ``speculative``: draft and verify several
+    tokens per forward (same greedy text, same sampling distribution), None = off."""
 
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     eos_token_ids: tuple[int, ...] | None = None
+    speculative: SpeculativeOptions | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -40,6 +43,8 @@ class GenerationOptions:
                              f"{self.max_new_tokens!r}: pass e.g. max_new_tokens=128")
         if isinstance(self.stop, str):
             raise InputError("stop must be a list of strings, not one string: pass stop=['...']")
+        if isinstance(self.speculative, str):  # "lookup" / "draft:BUNDLE", as on the CLI
+            object.__setattr__(self, "speculative", SpeculativeOptions.parse(self.speculative))
 
 
 @dataclass
@@ -65,8 +70,19 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # prefill end → last decode step end (all loop overhead)
     decode_engine_seconds: float = 0.0  # inside the engine call only
-    decode_steps: int = 0
+    decode_steps: int = 0  # forwards after the prompt's
+    decode_tokens: int = 0  # tokens per row after the first (> decode_steps when speculating)
     prompt_tokens: int = 0  # padded batch x prompt length
+    drafted_tokens: int = 0  # speculation: drafts verified, summed over rows
+    accepted_tokens: int = 0  # speculation: drafts the target agreed with
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        return self.decode_tokens / self.decode_steps if self.decode_steps else None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +100,18 @@ def positions_from_mask(mask: np.ndarray, seq: int) -> np.ndarray:
     """Position ids of the last ``seq`` slots: ``cumsum(mask) - 1`` clipped at 0."""
     pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     return np.ascontiguousarray(pos[:, -seq:])
+
+
+@dataclass
+class Prefilled:
+    """The state after the prompt's forward: padded prompts, mask, cache, last logits."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    cache: KVCache
+    logits: np.ndarray
+    seen: np.ndarray | None  # tokens per row, for the repetition penalty (None when off)
+    rng: np.random.Generator
 
 
 class TextRow:
@@ -139,18 +167,24 @@ class BatchGeneration:
         return [r.out for r in self.rows]
 
     def __iter__(self) -> Iterator[Piece]:
-        opts, backend = self.options.sampling, self.backend
-        rng = opts.rng()
+        yield from self._decode(self._prefill())
+
+    def _prefill(self) -> Prefilled:
         ids, mask = left_pad(self.prompts, self.tokenizer.pad_token_id)
         seen = self._seen_init(ids, mask)
-        cache = backend.new_cache(len(self.prompts), max(self.capacity, ids.shape[1]))
+        cache = self.backend.new_cache(len(self.prompts), max(self.capacity, ids.shape[1]))
         t0 = time.perf_counter()
-        logits = backend.forward(ids, positions_from_mask(mask, ids.shape[1]), mask, cache)
+        logits = self.backend.forward(ids, positions_from_mask(mask, ids.shape[1]), mask, cache)
         self.stats.prefill_seconds = time.perf_counter() - t0
         self.stats.prompt_tokens = ids.size
         self._t_decode = time.perf_counter()
+        return Prefilled(ids, mask, cache, logits, seen, self.options.sampling.rng())
+
+    def _decode(self, state: Prefilled) -> Iterator[Piece]:
+        opts, cache, mask, seen, logits = (self.options.sampling, state.cache, state.mask,
+                                           state.seen, state.logits)
         for step in range(1, self.options.max_new_tokens + 1):
-            tokens = sample(logits, opts, rng, seen)
+            tokens = sample(logits, opts, state.rng, seen)
             yield from self._push(tokens, step)
             if all(r.out.finish_reason for r in self.rows):
                 return
@@ -200,4 +234,5 @@ class BatchGeneration:
         self.stats.decode_seconds = time.perf_counter() - self._t_decode
         self.stats.decode_engine_seconds += getattr(self.backend, "engine_seconds", 0.0) - engine0
         self.stats.decode_steps += 1
+        self.stats.decode_tokens += 1
         return logits

@@ -9,7 +9,7 @@ Layout (``format_version`` 1)::
       "format_version": 1,
       "model":     {num_layers, num_heads, num_kv_heads, head_dim, hidden_size, intermediate_size,
                     vocab_size, max_position_embeddings, rope_theta, rope_scaling, rms_norm_eps,
-                    tie_word_embeddings, attention_bias, mlp_bias, name},
+                    tie_word_embeddings, qkv_bias, o_bias, mlp_bias, family, name},
       "dims":      {"batch": {min, opt, max}, "seq": ..., "past": ..., "total": ...},
       "tokenizer": {files, bos_token_id, eos_token_ids, pad_token_id, add_bos_token, chat_template},
       "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, parity,
@@ -26,7 +26,9 @@ the same IO, sharing the variant's ``data_file``; old readers simply ignore it.
 
 IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_values.{i}.key``,
 ``present.{i}.value``) expanded per layer by :func:`expand_io`. Dims are named (``batch``,
-``seq``, ``past``, ``total`` = past + seq) or integers.
+``seq``, ``past``, ``total`` = past + seq) or integers. A variant's ``logits`` says which
+positions its ``logits`` output holds: ``all`` (dim ``seq``), ``last`` (dim 1) or ``tail:N``
+(dim ``tail`` = min(seq, N)); ``backends.base.logits_window`` reads it.
 """
 
 from __future__ import annotations

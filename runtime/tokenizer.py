@@ -58,6 +58,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token text -> id, added tokens included."""
+        return dict(self._tok.get_vocab(with_added_tokens=True))
+
     def token_text(self, token_id: int | None) -> str:
         """The literal text of a special token (for chat templates): ``""`` when absent."""
         if token_id is None:

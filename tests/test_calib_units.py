@@ -155,3 +155,73 @@ def test_offset_int4_round_trip_and_formats() -> None:
     assert (np.sign(sn) == -np.sign(ext)).all()
     neg_err = np.linalg.norm(dequantize_blocked(qn, sn, 32) - w)
     assert neg_err < np.linalg.norm(dequantize_blocked(qs, ss, 32) - w)
+
+
+def _gguf_round_trip(w: np.ndarray, qtype: str) -> np.ndarray:
+    """``w`` (N, K) through a GGUF ``qtype`` and back, transposed to the graph's (K, N)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    from llama_export.exporter.kquants import K_QUANTS, quantize_k
+
+    t = gguf.GGMLQuantizationType[qtype]
+    raw = quantize_k(w, qtype) if qtype in K_QUANTS else quantize(w, t)
+    return np.ascontiguousarray(dequantize(raw, t).reshape(w.shape).T)
+
+
+def test_offset_int4_reproduces_gguf_4bit_blocks_exactly() -> None:
+    """A Q4_K sub-block is ``d*sc*q - dmin*m`` over 32 weights (q in 0..15, the 6-bit sc and m
+    scaling two fp16 super-block scales): one float step and one float offset per block of 32,
+    which the offset format stores, so codes are reproduced exactly and values to float32
+    rounding (as Q4_0 and Q4_1). Q5_0 / Q6_K / Q8_0 blocks have 32..256 levels: not 4-bit exact."""
+    from llama_export.calibration.weight_only import EXACT_INT4_SOURCES, quantize_blocked_offset
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((48, 512)) * 0.05).astype(np.float32)
+    for qtype in (*EXACT_INT4_SOURCES, "Q5_0", "Q6_K", "Q8_0"):
+        src = _gguf_round_trip(w, qtype)                                   # (K, N)
+        q, s, o = quantize_blocked_offset(src, 32)
+        back = q * np.repeat(s, 32, axis=0) + np.repeat(o, 32, axis=0)
+        rel = np.abs(back - src).max() / np.abs(src).max()
+        if qtype in EXACT_INT4_SOURCES:
+            assert rel < 1e-6, qtype                                       # float32 rounding only
+        else:
+            assert rel > 1e-3, qtype                                       # real 4-bit rounding
+
+
+def test_source_eight_bit_labels_follow_gguf_types() -> None:
+    from llama_export.calibration.weight_only import source_eight_bit_labels
+
+    labels = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+              "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    types = {"model.layers.0.self_attn.q_proj.weight": "Q4_K",
+             "model.layers.0.self_attn.v_proj.weight": "Q6_K",
+             "model.layers.0.mlp.down_proj.weight": "Q5_0",
+             "model.layers.1.mlp.down_proj.weight": "Q4_1", "lm_head.weight": "Q8_0"}
+    assert source_eight_bit_labels(labels, types) == [
+        "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+
+
+def test_ort_session_past_2gb_keeps_the_callers_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 2 GB the session goes through a temp file with external data, which moves the
+    weights out of the in-memory model; the model must come back whole (calibration quantizes
+    it afterwards). The 2 GB test is faked: a 2 GB model here would cost minutes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llama_export.calibration import graph
+
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64) / 4096
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        initializer=[numpy_helper.from_array(w, "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    monkeypatch.setattr(graph, "fits_protobuf", lambda _: False)
+    x = np.ones((1, 64), dtype=np.float32)
+    with graph.ort_session(model) as sess:
+        y = sess.run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-6)
+    t = model.graph.initializer[0]
+    assert t.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(numpy_helper.to_array(t), w)

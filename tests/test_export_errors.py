@@ -81,6 +81,18 @@ def _with_config(patch: dict) -> Callable[[Path, Path], Path]:
     return make
 
 
+def _edited_saved_config(patch: dict) -> Callable[[Path, Path], Path]:
+    """The folder's own config.json (as transformers wrote it: rope_parameters) edited by hand,
+    tokenizer files removed: the config's problem must be reported, not the tokenizer."""
+    def make(src: Path, tmp: Path) -> Path:
+        d = _no_tokenizer(src, tmp)
+        cfg = json.loads((d / "config.json").read_text())
+        assert "rope_parameters" in cfg  # what transformers 5 writes
+        (d / "config.json").write_text(json.dumps({**cfg, **patch}))
+        return d
+    return make
+
+
 CASES = {
     "missing config": (_no_config, "has no config.json: pass a Hugging Face model folder"),
     "no tokenizer": (_no_tokenizer, "has no tokenizer.json and its tokenizer cannot be converted"),
@@ -93,6 +105,19 @@ CASES = {
                                  "architecture 'gpt2' is not supported"),
     "unknown rope type": (_with_config({"rope_scaling": {"rope_type": "dynamic-ntk-x"}}),
                           "rope scaling type 'dynamic-ntk-x' is not supported"),
+    "rope type before tokenizer": (
+        _edited_saved_config({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+        "rope scaling type 'yarn' is not supported"),
+    "conflicting rope dialects": (
+        _edited_saved_config({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        "which disagree (transformers would silently use rope_scaling): delete the one"),
+    "architecture before tokenizer": (
+        _edited_saved_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+        "architecture 'gpt2' is not supported"),
+    "qwen2 sliding window": (
+        _edited_saved_config({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+                              "use_sliding_window": True, "sliding_window": 16}),
+        "sliding_window=16 attention is not supported"),
 }
 
 

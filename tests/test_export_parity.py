@@ -87,7 +87,7 @@ def test_manifest_contents(tiny_bundle: Path) -> None:
     assert fp32["ort_graph"]["parity"]["graph"] == "ort"
     assert fp32["ort_graph"]["file"] == "model.ort.onnx" and fp32["data_file"] == "model.onnx.data"
     assert set(m.data["files"]) == {"model.onnx", "model.ort.onnx", "model.onnx.data",
-                                    "tokenizer.json", "tokenizer_config.json"}
+                                    "tokenizer.json", "tokenizer_config.json", "references.npz"}
     ort_inputs = [i.name for i in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.input]
     assert ort_inputs == names  # the same IO contract as the standard graph
     ops = {n.op_type for n in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.node}
@@ -123,7 +123,8 @@ def test_no_ort_graph_option(tiny_source: Path, tmp_path: Path) -> None:
                            progress=lambda _: None)
     m = Manifest.load(bundle)
     assert "ort_graph" not in m.variant("fp32") and m.graphs("fp32") == ["standard"]
-    assert set(m.data["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json"}
+    assert set(m.data["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json",
+                                    "references.npz"}
 
 
 def test_bundle_loads_from_other_cwd(tiny_bundle: Path, tmp_path: Path,

@@ -95,5 +95,5 @@ def test_help_is_lazy() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd="/", capture_output=True,
                          text=True)
     for cmd in ("onnx", "generate", "bench", "serve", "bench-serve", "calibrate", "quantize",
-                "trt", "verify"):
+                "trt", "verify", "parity"):
         assert f"  {cmd} " in out.stdout

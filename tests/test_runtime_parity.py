@@ -18,56 +18,19 @@ from typing import Any
 import numpy as np
 import pytest
 
+from llama_export.exporter.testing import assert_greedy_matches, reference_greedy
 from llama_export.runtime import load_bundle
-from llama_export.runtime.generate import left_pad
 
 NEW = 64
-TIE = 1e-3  # 20x the worst fp32 logit error the exporter measures on SmolLM2 (~5e-5)
 MIN_AGREE = 32
 
 
-_HF_CACHE: dict[tuple[int, tuple[tuple[int, ...], ...]], tuple[list[list[int]], Any]] = {}
-
-
 def hf_greedy(ref: Any, prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], Any]:
-    """transformers' greedy tokens and logits (memoized: both graphs compare against one run)."""
-    key = (id(ref), tuple(tuple(p) for p in prompts))
-    if key not in _HF_CACHE:
-        _HF_CACHE[key] = _hf_greedy(ref, prompts, pad_id)
-    return _HF_CACHE[key]
-
-
-def _hf_greedy(ref: Any, prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], Any]:
-    import torch
-
-    ids, mask = left_pad(prompts, pad_id)
-    # EOS off to compare all NEW positions. transformers 5 falls back to the model's own
-    # generation config for a None passed in a copy, so set it there and restore it (the
-    # reference fixture is shared with other tests).
-    saved = ref.generation_config.eos_token_id
-    ref.generation_config.eos_token_id = None
-    try:
-        with torch.inference_mode():
-            out = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                               do_sample=False, max_new_tokens=NEW, pad_token_id=pad_id,
-                               return_dict_in_generate=True, output_logits=True)
-    finally:
-        ref.generation_config.eos_token_id = saved
-    logits = torch.stack(out.logits, dim=1).float().numpy()  # [batch, NEW, vocab]
-    return out.sequences[:, ids.shape[1]:].tolist(), logits
+    return reference_greedy(ref, prompts, pad_id, NEW)
 
 
 def assert_greedy_equal(ours: list[int], theirs: list[int], ref_logits: np.ndarray) -> None:
-    assert len(ours) == len(theirs) == NEW
-    diff = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
-    if not diff:
-        return
-    i = diff[0]
-    top2 = np.sort(ref_logits[i])[-2:]
-    gap = float(top2[1] - top2[0])
-    assert gap < TIE and i >= MIN_AGREE, (
-        f"greedy tokens diverge at step {i} (reference top-2 gap {gap:.2e} >= {TIE} or fewer "
-        f"than {MIN_AGREE} tokens agreed): ours {ours[i:i + 5]} vs transformers {theirs[i:i + 5]}")
+    assert_greedy_matches(ours, theirs, ref_logits, NEW, MIN_AGREE)
 
 
 def _check(model: Any, ref: Any, prompts: list[list[int]]) -> None:

@@ -34,15 +34,6 @@ needs_gpu = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 BUDGET = {"fp32": (1e-3, 1.0), "fp16": (2e-2, 0.9), "int8": (1e-1, 0.8), "int4": (1e-1, 0.8)}
 
 
-@pytest.fixture(scope="module")
-def tiny_fp16_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llama_export.exporter.export import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("tiny_fp16") / "bundle"
-    return export_bundle(tiny_source, out, ExportOptions(dtype="fp16", max_seq_len=128),
-                         progress=lambda _: None)
-
-
 def _writable(bundle: Path, tmp: Path) -> Path:
     out = tmp / bundle.name
     shutil.copytree(bundle, out)

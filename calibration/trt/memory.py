@@ -6,7 +6,7 @@ the ONNX header).
     KV cache     2 (K, V) x layers x B x kv_heads x C x head_dim x dtype size, twice: TrtBackend
                  ping-pongs between two buffers so this step's present never overwrites the past
                  it is reading
-    logits       B x (P, or 1 for a logits="last" graph) x vocab x dtype size, prefill's output
+    logits       B x (P; 1 for logits="last"; min(P, N) for "tail:N") x vocab x dtype size
     IO           input_ids/position_ids (B x P) and attention_mask (B x C), int64
 
 TensorRT's own activation workspace is not counted (known only after the build); the printed
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from llama_export.runtime.backends.base import logits_positions
 from llama_export.runtime.manifest import Manifest
 
 from .profiles import Limits
@@ -81,7 +82,7 @@ def kv_cache_bytes(manifest: Manifest, variant: str, limits: Limits, buffers: in
 def logits_bytes(manifest: Manifest, variant: str, limits: Limits) -> int:
     spec = manifest.variant(variant)
     dtype = next(o["dtype"] for o in spec["outputs"] if o["name"] == "logits")
-    positions = limits.max_prompt if spec.get("logits", "all") == "all" else 1
+    positions = logits_positions(str(spec.get("logits", "all")), limits.max_prompt)
     return limits.max_batch * positions * manifest.vocab_size * DTYPE_BYTES[dtype]
 
 

@@ -41,6 +41,8 @@ class KVCache:
     * each successful :meth:`Backend.forward` of ``seq`` tokens advances ``length`` by ``seq``;
       a forward that raises leaves ``length`` unchanged;
     * ``length`` never exceeds ``capacity`` (checked by :meth:`Backend.forward` before running);
+    * :meth:`Backend.truncate` drops the newest positions (speculative decoding's rollback);
+      the next forward continues after the kept ones as if the dropped ones never ran;
     * ``capacity`` never exceeds the manifest's max context (``dims.total.max``).
     """
 
@@ -68,7 +70,7 @@ class Backend(abc.ABC):
 
     manifest: Manifest
     variant: str
-    logits_mode: str = "all"  # the graph's manifest ``logits`` entry: "all" | "last"
+    logits_mode: str = "all"  # the graph's manifest ``logits`` entry: all | last | tail:N
 
     def __enter__(self) -> Backend:
         return self
@@ -107,6 +109,12 @@ class Backend(abc.ABC):
         """
         return self.forward_tail(input_ids, position_ids, attention_mask, cache, 1)[:, 0]
 
+    def verifies_in_one_forward(self, batch: int) -> bool:
+        """Whether ``batch`` rows of several new tokens over a past run as one forward (what
+        makes speculative verification cheap); a backend that steps them token by token says
+        no, and speculation then decodes plainly."""
+        return True
+
     def tail_limit(self, seq: int) -> int:
         """How many trailing positions' logits a forward of ``seq`` new tokens can return."""
         return logits_positions(self.logits_mode, seq)
@@ -134,9 +142,10 @@ class Backend(abc.ABC):
             raise InputError(f"tail {tail} is outside 1..{seq} (the new tokens of this call)")
         if tail > self.tail_limit(seq):
             raise InputError(
-                f"this {self.variant} graph returns logits of the last position only "
-                f"(exported with --logits {self.logits_mode}); {tail} positions were asked for: "
-                "re-export the bundle with `llama-export onnx ... --logits all`")
+                f"this {self.variant} graph returns logits of the last "
+                f"{self.tail_limit(seq)} position(s) only (exported with --logits "
+                f"{self.logits_mode}); {tail} positions were asked for: re-export the bundle with "
+                "`llama-export onnx ... --logits tail:16` (or --logits all)")
         if seq > cache.remaining:
             raise InputError(
                 f"{seq} new tokens do not fit: cache holds {cache.length} of {cache.capacity} "
@@ -155,6 +164,20 @@ class Backend(abc.ABC):
         cache.length = total
         return logits
 
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Keep the first ``length`` positions of ``cache`` (every row), forget the rest.
+
+        Speculative decoding runs drafted tokens through the cache and rolls back past the
+        rejected ones; the next forward writes after position ``length``.
+        """
+        if isinstance(length, bool) or not isinstance(length, int) or \
+                not 0 <= length <= cache.length:
+            raise InputError(f"cannot truncate a cache of {cache.length} positions to {length}: "
+                             f"pass a length in 0..{cache.length}")
+        if length < cache.length:
+            self._truncate_impl(cache, length)
+            cache.length = length
+
     # ---- what a backend implements ------------------------------------------------------------
     @abc.abstractmethod
     def _new_cache_impl(self, batch_size: int, capacity: int) -> KVCache:
@@ -171,15 +194,34 @@ class Backend(abc.ABC):
         Must NOT change ``cache.length`` (the caller advances it after success).
         """
 
+    @abc.abstractmethod
+    def _truncate_impl(self, cache: KVCache, length: int) -> None:
+        """Make the cache's first ``length`` positions (``0 <= length < cache.length``) the
+        past of the next forward. Must NOT change ``cache.length`` (the caller sets it)."""
+
+
+def logits_window(mode: str) -> int | None:
+    """Trailing positions a graph exported with ``--logits mode`` keeps (None: every one).
+
+    ``all`` keeps every position; ``last`` one; ``tail:N`` the last ``min(seq, N)``, so a
+    prefill pays lm_head for ``N`` positions only while a forward of up to ``N`` tokens
+    (speculative verification of ``N - 1`` drafts) gets the logits of each.
+    """
+    if mode == "all":
+        return None
+    if mode == "last":
+        return 1
+    n = mode.removeprefix("tail:")
+    if mode.startswith("tail:") and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise BundleError(f"the manifest's logits mode {mode!r} is unknown to this llama-export: "
+                      "upgrade llama-export or re-export the bundle")
+
 
 def logits_positions(mode: str, seq: int) -> int:
     """Trailing positions a graph exported with ``--logits mode`` returns for ``seq`` tokens."""
-    if mode == "all":
-        return seq
-    if mode == "last":
-        return 1
-    raise BundleError(f"the manifest's logits mode {mode!r} is unknown to this llama-export: "
-                      "upgrade llama-export or re-export the bundle")
+    window = logits_window(mode)
+    return seq if window is None else min(seq, window)
 
 
 def _as_int64_2d(name: str, a: np.ndarray) -> np.ndarray:

@@ -171,6 +171,9 @@ class OrtBackend(Backend):
             return np.concatenate(rows[seq - tail:], axis=1)
         return self._step(input_ids, position_ids, attention_mask, cache, tail)
 
+    def verifies_in_one_forward(self, batch: int) -> bool:
+        return not (self.graph == "ort" and batch > 1)  # see _forward_impl
+
     def _step(self, input_ids: np.ndarray, position_ids: np.ndarray,
               attention_mask: np.ndarray, cache: OrtKVCache, tail: int) -> np.ndarray:
         # The C-level binding (what onnxruntime.IOBinding wraps): the Python wrapper's per-call
@@ -191,6 +194,28 @@ class OrtBackend(Backend):
             cache.values = [outputs[i] for i in range(1, len(outputs))]
         logits = outputs[0].numpy()
         return np.ascontiguousarray(logits[:, logits.shape[1] - tail:, :], dtype=np.float32)
+
+    def _truncate_impl(self, cache: KVCache, length: int) -> None:
+        assert isinstance(cache, OrtKVCache), "cache from another backend"  # programming error
+        if cache.shared:
+            # GroupQueryAttention reads the first `total - seq` slots of the buffer and writes
+            # the new tokens after them (total = attention_mask width): the stale slots past
+            # `length` are never read and the next forward overwrites them.
+            return
+        if length == 0:
+            cache.values = list(cache._empty)
+            return
+        # The standard graph's present is a fresh (batch, kv, old_length, hd) tensor per step:
+        # keep a contiguous copy of its first `length` positions (one copy per layer, the same
+        # bytes a decode step's concatenation moves anyway).
+        ov, dev = self._ort.OrtValue, (self._device, self.options.device_id)
+        kept = []
+        for value in cache.values:
+            part = np.ascontiguousarray(value.numpy()[:, :, :length])
+            new = ov.ortvalue_from_shape_and_type(list(part.shape), part.dtype, *dev)
+            new.update_inplace(part)  # ORT-owned memory: no numpy array to keep alive
+            kept.append(new._ortvalue)
+        cache.values = kept
 
     def _bind_cache(self, cache: OrtKVCache) -> None:
         """Bind the cache's buffers: once per cache when shared, else every step."""

@@ -9,7 +9,8 @@ The cache is two device buffers per K/V tensor, sized for ``batch x capacity``. 
 past from one and writes present into the other, then they swap: ``present`` of step t *is*
 ``past`` of step t+1 (both dense ``[batch, kv_heads, length, head_dim]``), so nothing crosses
 PCIe but token ids in and last-position logits out. Reading and writing the same buffer would
-race inside the engine's concatenation, hence two.
+race inside the engine's concatenation, hence two. A rollback (speculative decoding) copies the
+kept prefix into the other buffer with the shorter pitch (one 2-D device copy per tensor).
 
 GPU code stays thin; the layout arithmetic is in :class:`IoPlan` (pure, tested on CPU).
 tensorrt and cuda-python (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6) are
@@ -52,7 +53,7 @@ class IoPlan:
     kv_itemsize: int
     vocab: int
     logits_dtype: str
-    logits_mode: str  # the manifest's "all" | "last"
+    logits_mode: str  # the manifest's all | last | tail:N
     limits: Limits
 
     @classmethod
@@ -92,6 +93,14 @@ class IoPlan:
         pos = self.vocab * np.dtype(NP_DTYPES[self.logits_dtype]).itemsize
         returned = logits_positions(self.logits_mode, seq)  # positions per sequence in the output
         return (returned - tail) * pos, returned * pos, tail * pos, batch
+
+
+    def truncate_copy(self, batch: int, length: int, keep: int) -> tuple[int, int, int, int]:
+        """``(src_pitch, dst_pitch, row_bytes, rows)`` of the 2-D copy that re-lays one dense
+        ``[batch, kv_heads, length, head_dim]`` tensor as ``[batch, kv_heads, keep, head_dim]``
+        (its first ``keep`` positions): one row per (sequence, kv head)."""
+        pos = self.head_dim * self.kv_itemsize
+        return length * pos, keep * pos, keep * pos, batch * self.kv_heads
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,22 @@ class TrtBackend(Backend):
         logits = self._tail_logits(batch, seq, tail)
         cache.flip ^= 1
         return logits
+
+    def _truncate_impl(self, cache: KVCache, length: int) -> None:
+        if not isinstance(cache, TrtKVCache):
+            raise InputError("this cache was made by another backend: use backend.new_cache()")
+        # The cache is dense for its current length, so keeping a prefix changes every row's
+        # pitch: copy into the other ping-pong buffer with the new pitch, then make it the past.
+        src_pitch, dst_pitch, row, rows = self.io.truncate_copy(cache.batch_size, cache.length,
+                                                                length)
+        cudart = self._cudart
+        past, other = cache.halves()
+        if row:
+            for src, dst in zip(past, other, strict=True):
+                cuda_call(cudart, cudart.cudaMemcpy2DAsync(
+                    dst, dst_pitch, src, src_pitch, row, rows,
+                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream))
+        cache.flip ^= 1
 
     def _bind_host_input(self, name: str, arr: np.ndarray) -> None:
         cudart = self._cudart

@@ -1,0 +1,200 @@
+"""The generation loop with speculative decoding (``BatchGeneration`` with another decode phase).
+
+    prefill ─► first token ─┬─► drafter.propose(context, k) ─► d1..dk per row
+                            │   target.forward_tail([last, d1..dk]) ─► logits at k+1 positions
+                            │   verify_row per row ─► accepted a_r; m = min over live rows
+                            │   emit m + 1 tokens per row; truncate the cache to the kept prefix
+                            └─◄ adapt k ◄──────────────────────────────────────────────┘
+
+Rows of a left-padded batch stay aligned (the ONNX-Runtime graph rotates RoPE by cache slot, so
+a row cannot skip slots): every row advances by ``m + 1`` tokens, ``m`` the fewest drafts any
+live row accepted. For each row, the token after its first ``m`` kept drafts is known from the
+same logits (its next kept draft or its own correction), so greedy text is unchanged; with
+sampling every emitted token is still drawn as the target would (see ``speculative.py``).
+
+Stopping is token by token exactly as in the plain loop (EOS, stop strings, ``max_new_tokens``,
+a full context), so the outputs, finish reasons and streamed pieces are the plain loop's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from llama_export.runtime.backends.base import Backend
+from llama_export.runtime.errors import InputError
+from llama_export.runtime.generate import (
+    BatchGeneration,
+    GenerationOptions,
+    Piece,
+    Prefilled,
+    positions_from_mask,
+)
+from llama_export.runtime.sampling import SamplingOptions, sample
+from llama_export.runtime.speculative import (
+    AdaptiveDraftLength,
+    SpeculativeOptions,
+    lookup_draft,
+    verify_row,
+)
+from llama_export.runtime.tokenizer import Tokenizer
+
+# The target verifies at most this many drafts per forward when its graph returns logits for
+# every position (a --logits tail:N graph caps it at N - 1).
+UNBOUNDED_WINDOW = 1 << 30
+
+
+@dataclass
+class Drafts:
+    """``tokens[r]``: row r's drafts; ``probs[r]``: ``[len, vocab]`` distributions they were drawn
+    from (None: point masses, e.g. prompt lookup or greedy drafting)."""
+
+    tokens: list[list[int]]
+    probs: list[np.ndarray | None]
+
+
+class Drafter(Protocol):
+    def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
+                rng: np.random.Generator) -> Drafts:
+        """Up to ``k`` drafts per row after the padded context ``ids`` / ``mask`` ``[batch, C]``
+        (prompt + generated tokens, the last not yet in the target's cache)."""
+        ...
+
+    def begin(self, batch: int, capacity: int) -> None:
+        """A new generation of ``batch`` rows whose target cache holds ``capacity`` positions."""
+        ...
+
+
+class LookupDrafter:
+    """Prompt lookup: drafts copied from where the context's suffix occurred before."""
+
+    def __init__(self, opts: SpeculativeOptions) -> None:
+        self.opts = opts
+
+    def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
+                rng: np.random.Generator) -> Drafts:
+        rows = [lookup_draft(ids[r][mask[r] == 1], k, min_ngram=self.opts.min_ngram,
+                             max_ngram=self.opts.max_ngram) for r in range(ids.shape[0])]
+        return Drafts(rows, [None] * len(rows))
+
+    def begin(self, batch: int, capacity: int) -> None:
+        pass  # stateless: the context is the whole lookup table
+
+
+def draft_window(backend: Backend) -> int:
+    """How many drafts one forward of ``backend`` can verify; refuses a last-logits graph."""
+    window = backend.tail_limit(UNBOUNDED_WINDOW)
+    if window < 2:
+        raise InputError(
+            f"speculative decoding needs the logits of several new positions, but this "
+            f"{backend.variant} graph returns the last one only (exported with --logits "
+            f"{backend.logits_mode}): re-export the bundle with `llama-export onnx ... "
+            "--logits tail:16`")
+    return window - 1
+
+
+class SpeculativeGeneration(BatchGeneration):
+    """:class:`BatchGeneration` whose decode phase drafts and verifies several tokens a forward."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                 options: GenerationOptions, drafter: Drafter, spec: SpeculativeOptions) -> None:
+        super().__init__(backend, tokenizer, prompts, options)
+        self.drafter = drafter
+        self.policy = AdaptiveDraftLength(min(spec.max_draft_tokens, draft_window(backend)),
+                                          spec.adaptive)
+        # ONNX Runtime's GroupQueryAttention runs a batch > 1 over a past one token at a time:
+        # verification would cost k + 1 plain steps, so such batches decode plainly.
+        self.speculating = backend.verifies_in_one_forward(len(self.prompts))
+
+    def _decode(self, state: Prefilled) -> Iterator[Piece]:
+        if not self.speculating:
+            yield from super()._decode(state)
+            return
+        opts = self.options.sampling
+        self.drafter.begin(len(self.rows), state.cache.capacity)
+        tokens = sample(state.logits, opts, state.rng, state.seen)
+        yield from self._push(tokens, 1)
+        self._note_seen(state.seen, tokens[:, None])
+        hist, mask, step = state.ids, state.mask, 1
+        while not (stop := self._stop_reason(state.cache.capacity, state.cache.length)):
+            live = np.array([r.out.finish_reason is None for r in self.rows])
+            last = np.where(live, tokens, self.tokenizer.pad_token_id)
+            ctx = np.concatenate([hist, last[:, None]], axis=1)
+            ctx_mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+            cols = self._verify(state, ctx, ctx_mask, live, step)
+            self.stats.decode_seconds = time.perf_counter() - self._t_decode
+            length = state.cache.length - cols.shape[1]  # before this verification
+            for j in range(cols.shape[1]):
+                step += 1
+                yield from self._push(cols[:, j], step)
+                if stop := self._stop_reason(state.cache.capacity, length + j + 1):
+                    self.stats.decode_tokens -= cols.shape[1] - j - 1  # verified, not emitted
+                    break
+            if stop:
+                break
+            m = cols.shape[1] - 1
+            hist = np.concatenate([ctx, cols[:, :m]], axis=1)
+            mask = np.concatenate([ctx_mask, np.ones_like(cols[:, :m])], axis=1)
+            self._note_seen(state.seen, cols)
+            tokens = cols[:, m]
+        if stop == "context":
+            yield from self._finish_all("context")
+
+    def _stop_reason(self, capacity: int, cache_length: int) -> str | None:
+        """The plain loop's checks after a token (``cache_length``: the cache as the plain loop
+        would hold it then): every row done, or no slot left to feed the token."""
+        if all(r.out.finish_reason for r in self.rows):
+            return "done"
+        return "context" if capacity - cache_length < 1 else None
+
+    def _verify(self, state: Prefilled, ctx: np.ndarray, ctx_mask: np.ndarray, live: np.ndarray,
+                step: int) -> np.ndarray:
+        """One target forward: returns the ``[batch, m + 1]`` tokens every row emits."""
+        cache, opts = state.cache, self.options.sampling
+        budget = min(self.policy.budget(), cache.capacity - cache.length - 1,
+                     self.options.max_new_tokens - step - 1)
+        drafts = Drafts([[]] * len(live), [None] * len(live))
+        if budget > 0:
+            drafts = self.drafter.propose(ctx, ctx_mask, budget, opts, state.rng)
+        k = min(len(drafts.tokens[r]) for r in np.flatnonzero(live))
+        feed = np.full((len(live), k + 1), self.tokenizer.pad_token_id, dtype=np.int64)
+        feed[:, 0] = ctx[:, -1]
+        for r in np.flatnonzero(live):
+            feed[r, 1:] = drafts.tokens[r][:k]
+        mask = np.concatenate([ctx_mask, np.ones_like(feed[:, 1:])], axis=1)
+        engine0 = self._engine_seconds()
+        logits = self.backend.forward_tail(feed, positions_from_mask(mask, k + 1), mask, cache,
+                                           k + 1)
+        verdicts = {}
+        for r in np.flatnonzero(live):
+            probs = drafts.probs[r]
+            verdicts[r] = verify_row(logits[r], feed[r, 1:], opts, state.rng,
+                                     seen=None if state.seen is None else state.seen[r],
+                                     draft_probs=None if probs is None else probs[:k])
+        m = min(v.accepted for v in verdicts.values())
+        cols = np.full((len(live), m + 1), self.tokenizer.pad_token_id, dtype=np.int64)
+        for r, v in verdicts.items():
+            cols[r] = v.tokens[:m + 1]
+        self.backend.truncate(cache, cache.length - k + m)
+        self.policy.update(k, m)
+        s = self.stats
+        s.decode_engine_seconds += self._engine_seconds() - engine0
+        s.decode_steps += 1
+        s.decode_tokens += m + 1
+        s.drafted_tokens += k * len(verdicts)
+        s.accepted_tokens += sum(v.accepted for v in verdicts.values())
+        return cols
+
+    def _engine_seconds(self) -> float:
+        drafter_backend = getattr(self.drafter, "backend", None)
+        return sum(getattr(b, "engine_seconds", 0.0) for b in (self.backend, drafter_backend) if b)
+
+    def _note_seen(self, seen: np.ndarray | None, cols: np.ndarray) -> None:
+        if seen is not None:
+            for j in range(cols.shape[1]):
+                seen[np.arange(cols.shape[0]), cols[:, j]] = True
+

@@ -1,0 +1,215 @@
+"""Speculative decoding, the per-row core: draft by prompt lookup, verify, adapt the draft length.
+
+    context ──propose──► draft d1..dk ──target forward of [last, d1..dk] (one weight read)──►
+        logits at k+1 positions ──accept──► d1..da + one token of the target's own ──► emit a+1
+
+Everything here is pure numpy and works on one row at a time, so a batched loop
+(``spec_generate.py``) and a continuous-batching engine (per-row slots) can both drive it.
+
+Exactness. Greedy: a draft token is kept only if it is the target's argmax at its position,
+and the token after the kept ones is the target's argmax there, so the text is the plain greedy
+text whatever the drafts were. Sampling: the standard rejection rule (Leviathan et al. 2023,
+Chen et al. 2023): keep draft ``x`` with probability ``min(1, p(x) / q(x))``, else draw from
+``norm(max(p - q, 0))``; every emitted token is then distributed as ``p`` given the tokens before
+it, ``p`` being exactly what plain sampling draws from (same temperature / top-k / top-p / min-p
+/ repetition penalty). Prompt lookup's ``q`` is a point mass on its draft.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama_export.runtime.errors import InputError
+from llama_export.runtime.sampling import SamplingOptions, apply_repetition_penalty, logits_to_probs
+
+MODES = ("lookup", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """``mode``: ``lookup`` (n-gram match against the prompt and the text so far) or ``draft``
+    (a smaller bundle with the same tokenizer, ``draft_bundle``, its ``draft_variant``).
+    ``max_draft_tokens``: the most drafts verified per forward (also capped by the graph's
+    logits window); ``adaptive``: shrink and grow the draft length with the acceptance seen so
+    far (else always the most).
+    ``min_ngram``..``max_ngram``: how long the suffix matched by prompt lookup is."""
+
+    mode: str = "lookup"
+    draft_bundle: str | None = None
+    draft_variant: str | None = None  # None: the draft bundle's default variant
+    max_draft_tokens: int = 8
+    adaptive: bool = True
+    min_ngram: int = 2
+    max_ngram: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--speculative {self.mode} is unknown: use lookup or draft:BUNDLE")
+        if (self.mode == "draft") != bool(self.draft_bundle):
+            raise InputError("draft-model speculation needs a bundle: pass --speculative "
+                             "draft:PATH_TO_SMALLER_BUNDLE (lookup takes none)")
+        if isinstance(self.max_draft_tokens, bool) or not isinstance(self.max_draft_tokens, int) \
+                or self.max_draft_tokens < 1:
+            raise InputError(f"--draft-tokens must be an integer >= 1, got "
+                             f"{self.max_draft_tokens!r}: use e.g. 8")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise InputError(f"n-gram sizes {self.min_ngram}..{self.max_ngram} are invalid: "
+                             "use 1 <= min_ngram <= max_ngram")
+
+    @classmethod
+    def parse(cls, spec: str, draft_tokens: int = 8) -> SpeculativeOptions:
+        """``lookup`` or ``draft:BUNDLE[@VARIANT]`` (the CLI's ``--speculative`` value)."""
+        mode, _, bundle = spec.partition(":")
+        path, _, variant = bundle.rpartition("@") if "@" in bundle else (bundle, "", "")
+        return cls(mode=mode, draft_bundle=path or None, draft_variant=variant or None,
+                   max_draft_tokens=draft_tokens)
+
+
+# ---- drafting by prompt lookup --------------------------------------------------------------
+def lookup_draft(tokens: Sequence[int] | np.ndarray, k: int, *, min_ngram: int = 2,
+                 max_ngram: int = 8) -> list[int]:
+    """Up to ``k`` tokens that followed the longest earlier match of the context's suffix.
+
+    Candidates are earlier positions holding the context's last token; each is scored by how
+    many tokens before it also agree with the context (up to ``max_ngram``). The longest match
+    of at least ``min_ngram`` wins; among equals, one with ``k`` tokens after it before one
+    running into the end of the context (in a repeating run the latest match is one step
+    back), then the most recent (the likeliest to be where a rewrite currently is). Empty when
+    nothing matches.
+    """
+    seq = np.asarray(tokens, dtype=np.int64)
+    n = len(seq)
+    if k < 1 or n < min_ngram + 1:
+        return []
+    cand = np.flatnonzero(seq[:-1] == seq[-1])  # match ends here; the draft starts after it
+    if len(cand) == 0:
+        return []
+    length = np.ones(len(cand), dtype=np.int64)
+    alive = np.ones(len(cand), dtype=bool)
+    for back in range(1, max_ngram):
+        ok = alive & (cand - back >= 0)
+        idx = np.where(ok, cand - back, 0)
+        ok &= seq[idx] == seq[n - 1 - back]
+        length += ok
+        alive = ok
+        if not alive.any():
+            break
+    if int(length.max()) < min_ngram:
+        return []
+    score = length * (k + 1) + np.minimum(n - 1 - cand, k)
+    start = int(cand[np.flatnonzero(score == score.max())[-1]]) + 1
+    return [int(t) for t in seq[start:start + k]]
+
+
+# ---- verification -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """``tokens``: the kept drafts then one token of the target's own (``accepted`` + 1)."""
+
+    tokens: list[int]
+    accepted: int
+
+
+def _penalized(logits: np.ndarray, seen: np.ndarray | None, opts: SamplingOptions) -> np.ndarray:
+    if seen is None:
+        return logits
+    row: np.ndarray = apply_repetition_penalty(logits[None], seen[None], opts.repetition_penalty)[0]
+    return row
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    cdf = np.cumsum(probs)
+    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(pick, int(np.flatnonzero(probs > 0)[-1]))  # never a zero-probability token
+
+
+def verify_row(logits: np.ndarray, draft: Sequence[int] | np.ndarray, opts: SamplingOptions,
+               rng: np.random.Generator, *, seen: np.ndarray | None = None,
+               draft_probs: np.ndarray | None = None) -> Verdict:
+    """Accept a prefix of ``draft`` against the target's ``logits`` ``[len(draft) + 1, vocab]``
+    (position j scores the token after ``draft[:j]``).
+
+    ``seen`` (bool ``[vocab]``, repetition penalty only) holds the row's tokens before the
+    draft; ``draft_probs`` ``[len(draft), vocab]`` is the distribution each draft token was
+    drawn from (None: a point mass, as prompt lookup's drafts are).
+    """
+    if logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"{logits.shape[0]} logits rows for {len(draft)} drafts")
+    seen = None if seen is None or opts.repetition_penalty == 1.0 else seen.copy()
+    for j, x in enumerate(draft):
+        q = None if draft_probs is None else draft_probs[j]
+        own = _judge(_penalized(logits[j], seen, opts), int(x), q, opts, rng)
+        if own is not None:
+            return Verdict([*map(int, draft[:j]), own], j)
+        if seen is not None:
+            seen[x] = True
+    last = _penalized(logits[-1], seen, opts)
+    bonus = int(np.argmax(last)) if opts.greedy else draw(logits_to_probs(last[None], opts)[0], rng)
+    return Verdict([*map(int, draft), bonus], len(draft))
+
+
+def _judge(scores: np.ndarray, x: int, q: np.ndarray | None, opts: SamplingOptions,
+           rng: np.random.Generator) -> int | None:
+    """None if draft ``x`` stands, else the token the target puts in its place."""
+    if opts.greedy:
+        best = int(np.argmax(scores))
+        return None if best == x else best
+    p = logits_to_probs(scores[None], opts)[0]
+    q_x = 1.0 if q is None else float(q[x])
+    if q_x > 0 and rng.random() < min(1.0, float(p[x]) / q_x):
+        return None
+    if q is None:  # max(p - onehot(x), 0): p without x
+        residual = p.copy()
+        residual[x] = 0.0
+    else:
+        residual = np.maximum(p - q, 0.0)
+    if residual.sum() <= 0:  # p == q up to rounding: cannot happen with exact arithmetic
+        residual = p
+    return draw(residual / residual.sum(), rng)
+
+
+# ---- adaptive draft length ------------------------------------------------------------------
+class AdaptiveDraftLength:
+    """How many tokens to draft next, from the acceptance seen so far (deterministic: it never
+    looks at the clock, so a seed reproduces a sampled text).
+
+    All drafts accepted: draft two more next time (up to ``max_k``). A rejection: draft one
+    more than were accepted. Drafts rejected outright twice in a row: stop drafting for a
+    pause that doubles on each further miss (up to 64 steps), so text the context does not
+    predict runs at plain-decode speed; any acceptance ends the pause schedule.
+    """
+
+    MAX_PAUSE = 64
+
+    def __init__(self, max_k: int, adaptive: bool = True) -> None:
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.k = max_k if not adaptive else min(max_k, 4)
+        self._misses = 0
+        self._pause = 0
+        self._next_pause = 4
+
+    def budget(self) -> int:
+        """Drafts to ask for at this step (0: decode one token plainly)."""
+        if self._pause > 0:
+            self._pause -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.max_k, self.k + 2)
+        else:
+            self.k = max(1, min(self.max_k, accepted + 1))
+        if accepted:
+            self._misses, self._next_pause = 0, 4
+            return
+        self._misses += 1
+        if self._misses >= 2:
+            self._pause, self._misses = self._next_pause, 0
+            self._next_pause = min(2 * self._next_pause, self.MAX_PAUSE)

@@ -1,0 +1,70 @@
+"""Speculative decoding on the real SmolLM2-135M-Instruct (fp32): greedy text identical to plain
+decoding on the built-in benchmark prompts, batch 1 (ONNX-Runtime graph) and batched (standard
+graph), lookup and draft-model drafting; the grounded prompts really accept drafts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama_export.runtime import load_bundle
+from llama_export.runtime.spec_bench import task_texts
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_bundle: Path) -> Any:
+    with load_bundle(smollm2_bundle, verify=False) as model:
+        yield model
+
+
+def _chat(model: Any, text: str) -> list[int]:
+    ids: list[int] = model.encode_chat([{"role": "user", "content": text}])
+    return ids
+
+
+def _identical(model: Any, prompts: list[list[int]], n: int, spec: str) -> Any:
+    plain = model.generate_ids(prompts, max_new_tokens=n)
+    spec_out = model.generate_ids(prompts, max_new_tokens=n, speculative=spec)
+    for a, b in zip(plain, spec_out, strict=True):
+        assert (b.tokens, b.text, b.finish_reason) == (a.tokens, a.text, a.finish_reason)
+    return model.last_generation.stats
+
+
+def _prompts(model: Any, names: set[str] | None = None) -> dict[str, list[list[int]]]:
+    texts = task_texts()
+    return {cat: [_chat(model, t["chat"]) for t in items if names is None or t["name"] in names]
+            for cat, items in texts.items()}
+
+
+def test_lookup_identity_batch1(smol: Any) -> None:
+    prompts = _prompts(smol, {"code-rename", "doc-extract", "chat-story", "chat-advice"})
+    for ids in prompts["grounded"]:
+        stats = _identical(smol, [ids], 64, "lookup")
+        assert stats.acceptance_rate is not None and stats.acceptance_rate > 0.3
+        assert stats.tokens_per_forward is not None and stats.tokens_per_forward > 1.5
+    for ids in prompts["chat"]:
+        _identical(smol, [ids], 48, "lookup")
+
+
+def test_lookup_identity_batched_standard_graph(smollm2_bundle: Path) -> None:
+    with load_bundle(smollm2_bundle, verify=False, graph="standard") as std:
+        prompts = _prompts(std, {"code-port", "doc-facts", "chat-compare"})
+        stats = _identical(std, prompts["grounded"] + prompts["chat"], 32, "lookup")
+        assert stats.accepted_tokens > 0
+
+
+def test_draft_model_identity(smol: Any, smollm2_bundle: Path) -> None:
+    """The bundle drafting for itself (no smaller SmolLM2 exists): the draft's cache follows
+    the target's through rollbacks, and nearly every draft is kept."""
+    prompts = _prompts(smol, {"doc-summary"})
+    stats = _identical(smol, prompts["grounded"], 32, f"draft:{smollm2_bundle}")
+    assert stats.acceptance_rate is not None and stats.acceptance_rate > 0.8
+
+
+@pytest.mark.slow
+def test_lookup_identity_every_benchmark_prompt(smol: Any) -> None:
+    for cat, prompts in _prompts(smol).items():
+        for ids in prompts:
+            _identical(smol, [ids], 192 if cat == "grounded" else 128, "lookup")
