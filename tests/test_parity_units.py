@@ -81,6 +81,9 @@ class FakeBackend(Backend):
                 out[p - cache.length, self.bias_token] += self.bias
         return np.ascontiguousarray(out[None, len(out) - tail:], dtype=np.float32)
 
+    def _truncate_impl(self, cache: KVCache, length: int) -> None:
+        pass  # the fake model's logits depend on positions only; nothing cached to forget
+
 
 def write_bundle(root: Path, refs: ReferenceSet = REFS, **variant_extra: Any) -> Path:
     """A bundle folder with a manifest and references only (the fake backend needs no graph)."""
