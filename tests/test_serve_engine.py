@@ -89,6 +89,15 @@ def test_layout_choice(tiny: Any, tiny_standard: Any) -> None:
         Engine(tiny_standard, EngineOptions(layout="rows"))
 
 
+
+def test_kv_reservation_is_stated(tiny: Any) -> None:
+    """describe() states the KV bytes the slots may take: the row layout's buffers exactly."""
+    engine = Engine(tiny, EngineOptions(slots=3, context=24))
+    assert isinstance(engine.layout, RowSlots)
+    assert engine.kv_bytes() == sum(b.nbytes for b in engine.layout.buffers)
+    assert f"KV cache up to {engine.kv_bytes() / 2**30:.2f} GiB" in engine.describe()
+
+
 def _solo_logits(backend: Any, prompt: list[int], feed: list[int]) -> list[np.ndarray]:
     """Logits after the prompt and after each fed token, batch 1."""
     cache = backend.new_cache(1, 32)

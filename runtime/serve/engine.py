@@ -176,13 +176,22 @@ class Engine:
     def layout_name(self) -> str:
         return "rows" if isinstance(self.layout, RowSlots) else "aligned"
 
+    def kv_bytes(self) -> int:
+        """Host memory the KV slots may take. ONNX Runtime's GroupQueryAttention (CPU) was
+        measured touching a slot's whole capacity once a request used it, so plan for all of it
+        (16 slots x 4096 positions of SmolLM2 fp32: 3.0 GB); ``--context`` bounds it."""
+        m = self.model.backend.manifest
+        item = 2 if m.kv_dtype(self.model.backend.variant) == "float16" else 4
+        return 2 * m.num_layers * self.options.slots * m.num_kv_heads * self.capacity * m.head_dim * item
+
     def describe(self) -> str:
         """One line for logs: what serves, and how."""
         b = self.model.backend
         graph = getattr(b, "graph", None)
         line = (f"{b.variant} {('(' + graph + ' graph) ') if graph else ''}"
                 f"{self.options.slots} slots x {self.capacity} positions, {self.layout_name} "
-                f"layout, prefill chunk {self.options.prefill_chunk}")
+                f"layout, prefill chunk {self.options.prefill_chunk}, KV cache up to "
+                f"{self.kv_bytes() / 2**30:.2f} GiB (--slots x --context)")
         if self.layout_name == "aligned" and graph == "ort":
             line += ("; this bundle's ONNX-Runtime graph predates per-row lengths: re-export it "
                      "(`llama-export onnx`) for the faster row layout")
