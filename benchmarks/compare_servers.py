@@ -62,8 +62,9 @@ def servers(args: argparse.Namespace) -> dict[str, list[str]]:
             name = f"ours-{variant}" + (f"-chunk{chunk}" if "," in args.chunks else "")
             out[name] = [CLI, "serve", args.bundle, "--variant", variant, "--port", "{port}",
                          "--slots", str(args.slots), "--prefill-chunk", chunk,
+                         "--context", str(args.prompt_len + args.gen_len + 64),
                          "--log-level", "warning"]
-    if args.llama_server:
+    if args.llama_server:  # the same KV positions per slot as ours (-c is shared by -np slots)
         out["llama-server"] = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1",
                                "--port", "{port}", "-np", str(args.slots), "-t", "2",
                                "-c", str(args.slots * (args.prompt_len + args.gen_len + 64)),
