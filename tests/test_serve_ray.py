@@ -266,8 +266,8 @@ def test_deployment_options_follow_the_engine_and_the_machine() -> None:
                                             "initial_replicas": 2, "target_ongoing_requests": 4}
     assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
     assert "num_replicas" not in scaled
-    assert replica_settings(s, RayOptions(), 0.5).threads == 1
-    assert replica_settings(s, RayOptions(), 4).threads == 4
+    assert replica_settings(s, 0.5).threads == 1
+    assert replica_settings(s, 4).threads == 4
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

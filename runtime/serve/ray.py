@@ -112,8 +112,7 @@ def deployment_options(settings: ServeSettings, opts: RayOptions, local_cpus: in
     return out
 
 
-def replica_settings(settings: ServeSettings, opts: RayOptions, replica_cpus: float
-                     ) -> ServeSettings:
+def replica_settings(settings: ServeSettings, replica_cpus: float) -> ServeSettings:
     """Threads per replica from its CPU share, unless ``--threads`` was given."""
     if settings.threads is not None:
         return settings
@@ -196,22 +195,18 @@ class LlamaExportReplica:
         s = settings
         model = load_bundle(s.bundle, variant=s.variant, backend=s.backend, provider=s.provider,
                             threads=s.threads, spin=s.spin, graph=s.graph)
-        self.metrics: RayEngineMetrics | None = None
-        self.engine = Engine(model, s.engine, metrics=self._metrics).start()
+        self.metrics = RayEngineMetrics(s.engine.slots)
+        self.engine = Engine(model, s.engine, metrics=self.metrics).start()
         self._stop = threading.Event()
         threading.Thread(target=self._gauges, name="llama-export-gauges", daemon=True).start()
         print(f"[serve] replica {self.replica_id}: {self.engine.describe()}", file=sys.stderr,
               flush=True)
 
-    def _metrics(self, slots: int) -> EngineMetrics:
-        self.metrics = RayEngineMetrics(slots)
-        return self.metrics
-
     def _gauges(self) -> None:
+        """Running/waiting change inside the engine loop: sample them for Ray once a second."""
         while not self._stop.wait(1.0):
             snap = self.engine.snapshot()
-            if self.metrics is not None:
-                self.metrics.occupancy(snap.running, snap.waiting)
+            self.metrics.occupancy(snap.running, snap.waiting)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(self.engine, self.settings)
@@ -236,12 +231,12 @@ def build(settings: ServeSettings, opts: RayOptions, local_cpus: int | None = No
           ) -> Application:
     """The Ray Serve application: ``opts`` replicas of ``settings``' bundle."""
     options = deployment_options(settings, opts, local_cpus)
-    per_replica = replica_settings(settings, opts, options["ray_actor_options"]["num_cpus"])
+    per_replica = replica_settings(settings, options["ray_actor_options"]["num_cpus"])
     return LlamaExportReplica.options(**options).bind(per_replica)  # type: ignore[attr-defined]
 
 
 # ---- `serve run llama_export.runtime.serve.ray:app key=value ...` ---------------------------
-_ENGINE_ARGS = {f.name: f.type for f in fields(EngineOptions)}
+_ENGINE_ARGS = tuple(f.name for f in fields(EngineOptions))
 _SETTINGS_ARGS = ("variant", "backend", "provider", "graph", "model_name")
 
 
@@ -290,7 +285,7 @@ def run_ray(settings: ServeSettings, opts: RayOptions, host: str, port: int,
     then shut the application and the Ray instance started here down."""
     Manifest.load(settings.bundle)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    init: dict[str, Any] = {"include_dashboard": False}
     local_cpus: int | None = None
     if address is None:
         local_cpus = os.cpu_count() or 1
