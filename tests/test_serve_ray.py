@@ -38,13 +38,17 @@ PROMPTS = ["The history of the Roman Empire", "Hello, my name is", "def fibonacc
            "List three colors:", "In 1969, astronauts"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class RayDriver:
     """`llama-export serve BUNDLE --ray` in its own session, on a free loopback port."""
 
     def __init__(self, bundle: Path, timeout: float = 150.0) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, self.metrics_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
@@ -53,7 +57,7 @@ class RayDriver:
         self.proc = subprocess.Popen(
             [str(exe), "serve", str(bundle), "--ray", "--replicas", "2", "--replica-cpus", "0.5",
              "--slots", str(SLOTS), "--max-queue", str(QUEUE), "--port", str(self.port),
-             "--drain-timeout", "5"],
+             "--drain-timeout", "5", "--ray-metrics-port", str(self.metrics_port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while "Ray Serve replica(s) of" not in self.output():
             if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
@@ -170,6 +174,19 @@ def test_16_concurrent_streams_equal_runtime_on_both_replicas(ray_server: RayDri
     served = Counter(replica for replica, _ in got)
     assert len(served) == 2, f"one replica served everything: {served}"
     print(f"\n[ray] startup to ready {ray_server.startup:.1f} s; replicas served {dict(served)}")
+
+
+def test_each_replicas_engine_metrics_reach_rays_export(ray_server: RayDriver) -> None:
+    """After the 16 streams: Ray's Prometheus endpoint has generated tokens per replica."""
+    deadline, series = time.monotonic() + 60, {}
+    while len(series) < 2:  # Ray exports every few seconds
+        assert time.monotonic() < deadline, f"no per-replica series in Ray's export: {series}"
+        text = httpx.get(f"http://127.0.0.1:{ray_server.metrics_port}/metrics", timeout=10).text
+        series = {line.split('replica="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                  for line in text.splitlines()
+                  if line.startswith("ray_llama_export_generation_tokens") and 'replica="' in line}
+        time.sleep(1)
+    assert all(n >= 12 for n in series.values()), series
 
 
 def test_overload_is_503_and_the_app_keeps_serving(ray_server: RayDriver) -> None:

@@ -69,13 +69,17 @@ def _ints(text: str) -> tuple[int, ...]:
               help="With --ray: GPUs per replica.")
 @click.option("--ray-address", help="With --ray: join this Ray cluster (e.g. ray://head:10001 "
               "or auto) instead of starting a local one.")
+@click.option("--ray-metrics-port", type=int, help="With --ray and a local Ray: the port of "
+              "Ray's Prometheus endpoint (replicas' ray_llama_export_* metrics; default: a free "
+              "port, listed in /tmp/ray/prom_metrics_service_discovery.json).")
 def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, provider: str,
           threads: int | None, spin: bool, graph: str, slots: int, max_queue: int,
           prefill_chunk: int, context: int | None, layout: str, api_keys: tuple[str, ...],
           api_key_file: str | None, cors_origins: tuple[str, ...],
           served_model_name: str | None, max_body_bytes: int, drain_timeout: float,
           log_level: str, use_ray: bool, replicas: int, autoscale: str | None,
-          replica_cpus: float | None, replica_gpus: float, ray_address: str | None) -> None:
+          replica_cpus: float | None, replica_gpus: float, ray_address: str | None,
+          ray_metrics_port: int | None) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API with continuous batching."""
     from llama_export.runtime.serve.engine import EngineOptions
 
@@ -97,18 +101,20 @@ def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, 
     ray_opts = {"replicas": replicas, "autoscale": autoscale, "replica_cpus": replica_cpus,
                 "replica_gpus": replica_gpus, "drain_timeout": drain_timeout}
     if use_ray:
-        _serve_ray(settings, host, port, ray_address, ray_opts)
+        _serve_ray(settings, host, port, (ray_address, ray_metrics_port), ray_opts)
         return
     given = [f"--{k.replace('_', '-')}" for k, v in ray_opts.items() if k != "drain_timeout"
-             and v not in (None, 0, 1)] + (["--ray-address"] if ray_address else [])
+             and v not in (None, 0, 1)] + (["--ray-address"] if ray_address else []) + \
+        (["--ray-metrics-port"] if ray_metrics_port is not None else [])
     if given:
         verb = "apply" if len(given) > 1 else "applies"
         raise InputError(f"{', '.join(given)} only {verb} with --ray: add --ray")
     run_server(settings, host, port, drain_timeout, log_level)
 
 
-def _serve_ray(settings: ServeSettings, host: str, port: int, address: str | None,
-               raw: dict[str, Any]) -> None:
+def _serve_ray(settings: ServeSettings, host: str, port: int,
+               cluster: tuple[str | None, int | None], raw: dict[str, Any]) -> None:
+    """``cluster``: (--ray-address, --ray-metrics-port); ``raw``: RayOptions' fields."""
     try:
         from llama_export.runtime.serve import ray as serve_ray
     except ImportError as e:
@@ -117,7 +123,7 @@ def _serve_ray(settings: ServeSettings, host: str, port: int, address: str | Non
         raise MissingDependencyError(f"`llama-export serve --ray` (module '{e.name}' not found)",
                                      "ray") from None
     opts = serve_ray.RayOptions(**{**raw, "autoscale": serve_ray.parse_autoscale(raw["autoscale"])})
-    serve_ray.run_ray(settings, opts, host, port, address)
+    serve_ray.run_ray(settings, opts, host, port, *cluster)
 
 
 @click.command("bench-serve")

@@ -280,9 +280,10 @@ def _int_or_none(value: Any) -> int | None:
 
 # ---- `llama-export serve BUNDLE --ray` -------------------------------------------------------
 def run_ray(settings: ServeSettings, opts: RayOptions, host: str, port: int,
-            address: str | None = None) -> None:
+            address: str | None = None, metrics_port: int | None = None) -> None:
     """Start (or join, ``address``) Ray, deploy, serve on ``host:port`` until SIGINT/SIGTERM,
-    then shut the application and the Ray instance started here down."""
+    then shut the application and the Ray instance started here down. ``metrics_port``: of
+    the local Ray's Prometheus endpoint (default: a free port Ray picks)."""
     Manifest.load(settings.bundle)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     init: dict[str, Any] = {"include_dashboard": False}
@@ -291,6 +292,11 @@ def run_ray(settings: ServeSettings, opts: RayOptions, host: str, port: int,
         local_cpus = os.cpu_count() or 1
         if is_loopback(host):
             init["_node_ip_address"] = LOOPBACK_NODE_IP
+        if metrics_port is not None:
+            init["_metrics_export_port"] = metrics_port
+    elif metrics_port is not None:
+        raise InputError("--ray-metrics-port applies to a Ray started here: the cluster's "
+                         "nodes set theirs (ray start --metrics-export-port)")
     else:
         init["address"] = address
     ray.init(**init)
