@@ -103,9 +103,10 @@ def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, 
     if use_ray:
         _serve_ray(settings, host, port, (ray_address, ray_metrics_port), ray_opts)
         return
-    given = [f"--{k.replace('_', '-')}" for k, v in ray_opts.items() if k != "drain_timeout"
-             and v not in (None, 0, 1)] + (["--ray-address"] if ray_address else []) + \
-        (["--ray-metrics-port"] if ray_metrics_port is not None else [])
+    defaults = {"replicas": 1, "autoscale": None, "replica_cpus": None, "replica_gpus": 0.0,
+                "ray_address": None, "ray_metrics_port": None}
+    asked = {**ray_opts, "ray_address": ray_address, "ray_metrics_port": ray_metrics_port}
+    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if asked[k] != v]
     if given:
         verb = "apply" if len(given) > 1 else "applies"
         raise InputError(f"{', '.join(given)} only {verb} with --ray: add --ray")

@@ -36,7 +36,7 @@ from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.serve.app import ASGIApp, Scope, ServeSettings, create_app
 from llama_export.runtime.serve.engine import Engine, EngineOptions
 from llama_export.runtime.serve.metrics import LATENCY_BUCKETS, STEP_BUCKETS, EngineMetrics
-from llama_export.runtime.serve.server import is_loopback
+from llama_export.runtime.serve.server import is_loopback, warn_if_open
 
 REPLICA_HEADER = "x-llama-export-replica"
 APP_NAME = "llama-export"
@@ -285,6 +285,7 @@ def run_ray(settings: ServeSettings, opts: RayOptions, host: str, port: int,
     then shut the application and the Ray instance started here down. ``metrics_port``: of
     the local Ray's Prometheus endpoint (default: a free port Ray picks)."""
     Manifest.load(settings.bundle)
+    warn_if_open(settings, host)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     init: dict[str, Any] = {"include_dashboard": False}
     local_cpus: int | None = None
