@@ -308,8 +308,10 @@ def test_app_builder_args(tiny_bundle: Path, tmp_path: Path) -> None:
     from llama_export.runtime.errors import BundleError, InputError
     from llama_export.runtime.serve.ray import app
 
-    assert type(app({"bundle": str(tiny_bundle), "slots": "2", "replicas": 2})).__name__ == \
-        "Application"
+    built = app({"bundle": str(tiny_bundle), "slots": "2", "replicas": "2", "api_keys": "a,b"})
+    assert type(built).__name__ == "Application"
+    settings = built._bound_deployment.init_args[0]  # what every replica is constructed with
+    assert settings.api_keys == ("a", "b") and settings.engine.slots == 2
     with pytest.raises(InputError, match="unknown application args slot: use "):
         app({"bundle": str(tiny_bundle), "slot": 2})
     with pytest.raises(InputError, match=re.escape("the bundle arg is missing: serve run ... bundle=PATH")):

@@ -243,9 +243,9 @@ _SETTINGS_ARGS = ("variant", "backend", "provider", "graph", "model_name")
 def app(args: Mapping[str, Any]) -> Application:
     """Application builder for ``serve run`` and Serve config files (``args:``): ``bundle``
     (required), ``variant``, ``backend``, ``provider``, ``graph``, ``model_name``, ``threads``,
-    ``slots``, ``max_queue``, ``prefill_chunk``, ``context``, ``layout``, ``api_keys`` (list),
-    ``replicas``, ``autoscale`` ("MIN:MAX"), ``replica_cpus``, ``replica_gpus``. Deployment
-    options in a config file override what this derives."""
+    ``slots``, ``max_queue``, ``prefill_chunk``, ``context``, ``layout``, ``api_keys`` (a list
+    or comma-separated), ``replicas``, ``autoscale`` ("MIN:MAX"), ``replica_cpus`` (default 1,
+    also the threads), ``replica_gpus``. A config file's deployment options override these."""
     known = {"bundle", "threads", "api_keys", "replicas", "autoscale", "replica_cpus",
              "replica_gpus", *_SETTINGS_ARGS, *_ENGINE_ARGS}
     unknown = sorted(set(args) - known)
@@ -259,6 +259,8 @@ def app(args: Mapping[str, Any]) -> Application:
     engine = EngineOptions(**{k: _int_or_none(args[k]) if k != "layout" else str(args[k])
                               for k in _ENGINE_ARGS if k in args})
     keys = args.get("api_keys") or ()
+    if isinstance(keys, str):  # `serve run ... api_keys=a,b`
+        keys = keys.split(",")
     settings = ServeSettings(bundle=bundle, engine=engine, api_keys=tuple(map(str, keys)),
                              threads=_int_or_none(args.get("threads")),
                              **{k: str(args[k]) for k in _SETTINGS_ARGS if k in args})
