@@ -3,7 +3,10 @@ llama-server, interleaved in one run, each level driven by `llama-export bench-s
 generator (streaming /v1/completions, fixed lengths, temperature 0, EOS ignored).
 
     python benchmarks/compare_servers.py BUNDLE --variants fp32,int8 --rounds 3 \\
-        [--llama-server PATH --gguf MODEL.gguf] [--chunks 64] [--json OUT]
+        [--llama-server PATH --gguf MODEL.gguf] [--chunks 64] [--ray 1,2] [--json OUT]
+
+``--ray 1,2`` adds `llama-export serve --ray --replicas N` (this machine's cores split between
+the N replicas) per variant: the overhead of Ray's proxy hop and the replicas' memory.
 
 Each round starts every server once (fresh process, free loopback port), runs every level, and
 stops it; the table shows medians over rounds, the server's peak RSS (VmHWM) and, for ours at
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -38,8 +42,9 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -64,12 +69,36 @@ def servers(args: argparse.Namespace) -> dict[str, list[str]]:
                          "--slots", str(args.slots), "--prefill-chunk", chunk,
                          "--context", str(args.prompt_len + args.gen_len + 64),
                          "--log-level", "warning"]
+    for n in [int(x) for x in args.ray.split(",") if x]:
+        for variant in args.variants.split(","):
+            out[f"ray{n}-{variant}"] = [
+                CLI, "serve", args.bundle, "--variant", variant, "--port", "{port}", "--ray",
+                "--replicas", str(n), "--replica-cpus", str((os.cpu_count() or 1) / n),
+                "--slots", str(args.slots), "--prefill-chunk", args.chunks.split(",")[0],
+                "--context", str(args.prompt_len + args.gen_len + 64)]
     if args.llama_server:  # the same KV positions per slot as ours (-c is shared by -np slots)
         out["llama-server"] = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1",
                                "--port", "{port}", "-np", str(args.slots), "-t", "2",
                                "-c", str(args.slots * (args.prompt_len + args.gen_len + 64)),
                                "--no-webui"]
     return out
+
+
+def replica_rss_mb(driver: int) -> list[float]:
+    """Peak RSS (VmHWM) of each Ray Serve replica process the driver's session started."""
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            pid = int(status.parent.name)
+            if os.getsid(pid) != driver:
+                continue
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                continue
+            hwm = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        out.append(int(hwm.split()[1]) / 1024)
+    return sorted(out)
 
 
 def step_times(url: str) -> dict[str, float]:
@@ -106,6 +135,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--llama-server")
     ap.add_argument("--gguf")
+    ap.add_argument("--ray", default="", help="Ray Serve replica counts (comma-separated)")
     ap.add_argument("--single", action="store_true", help="also run `llama-export bench`")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -115,11 +145,16 @@ def main() -> None:
         for name, template in servers(args).items():
             port = free_port()
             url = f"http://127.0.0.1:{port}"
+            t0 = time.monotonic()
             proc = start([a.replace("{port}", str(port)) for a in template], url)
+            steps: dict[str, Any] = {"startup_s": time.monotonic() - t0}
             try:
                 res = run_load(LoadOptions(url=url, concurrency=levels, prompt_len=args.prompt_len,
                                            gen_len=args.gen_len, pid=proc.pid))
-                steps = step_times(url) if name.startswith("ours") else {}
+                if name.startswith("ours"):
+                    steps.update(step_times(url))
+                if name.startswith("ray"):  # the driver holds no model: the replicas do
+                    steps["replica_rss_mb"] = replica_rss_mb(proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -144,6 +179,11 @@ def report(samples: dict[str, list[list[dict[str, Any]]]], levels: tuple[int, ..
             dec = statistics.median(x[0]["decode_step_ms"] for x in rounds)
             pre = statistics.median(x[0]["prefill_step_ms"] for x in rounds)
             print(f"{name}: mean step {dec:.1f} ms, with a prompt chunk {pre:.1f} ms")
+        if "startup_s" in rounds[0][0]:
+            up = statistics.median(x[0]["startup_s"] for x in rounds)
+            rss = [x[0].get("replica_rss_mb") for x in rounds]
+            print(f"{name}: start to healthy {up:.1f} s" + (
+                f", replica peak RSS MB {rss}" if rss[0] is not None else ""))
     for name, rounds in samples.items():
         if name.startswith("bench-"):
             print(f"{name:24s} {1:4d} {statistics.median(x[0]['tok_s'] for x in rounds):10.1f}"
@@ -156,7 +196,8 @@ def report(samples: dict[str, list[list[dict[str, Any]]]], levels: tuple[int, ..
                 return statistics.median(float(x[key] or 0) for x in rows)
 
             errors = sum(x["errors"] for x in rows)
-            rss = max(x["server_peak_rss_mb"] or 0 for x in rows)
+            rss = max((sum(x["replica_rss_mb"]) if "replica_rss_mb" in x else
+                       x["server_peak_rss_mb"]) or 0 for x in rows)  # Ray: all replicas
             print(f"{name:24s} {c:4d} {med('aggregate_tok_s'):10.1f} {med('stream_tok_s'):12.1f} "
                   f"{med('ttft_p50'):9.3f} {med('ttft_p95'):9.3f} {errors:6d} {rss:11.0f}")
 

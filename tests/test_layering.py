@@ -43,11 +43,19 @@ HTTP_MODULES = {"app.py", "protocol.py", "prometheus.py", "server.py", "loadgen.
                 "commands.py"}
 
 
+# Ray (extra [ray]) belongs to runtime/serve/ray.py alone, which also uses the HTTP stack; the
+# Ray test only drives it from outside (subprocesses, HTTP) and imports ray to be skipped.
+RAY_MODULES = {ROOT / "runtime" / "serve" / "ray.py", ROOT / "tests" / "test_serve_ray.py"}
+
+
 def _banned(package: str, path: Path) -> set[str]:
     banned = FORBIDDEN.get(package, set()) | FOLDER_NAMES
-    in_serve = path.parent == ROOT / "runtime" / "serve" and path.name in HTTP_MODULES
+    in_serve = path.parent == ROOT / "runtime" / "serve" and (path.name in HTTP_MODULES
+                                                                or path.name == "ray.py")
     if package in FORBIDDEN and not in_serve:
         banned |= HTTP_STACK
+    if path not in RAY_MODULES:
+        banned |= {"ray"}
     return banned
 
 
@@ -88,7 +96,7 @@ def test_help_is_lazy() -> None:
         "import sys\n"
         "from llama_export.runtime.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn') "
+        "heavy = [m for m in ('torch', 'transformers', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'ray') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

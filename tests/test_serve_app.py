@@ -47,6 +47,26 @@ def test_full_queue_is_429_with_retry_after(tiny: Any) -> None:
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_engine_with_settings_guards_without_loading(tiny: Any) -> None:
+    """``create_app(engine, settings)`` (a Ray replica): the caller's engine serves, the settings'
+    key, body limit and model name guard it, and the bundle path in them is never loaded."""
+    settings = ServeSettings(bundle="/nonexistent/never-loaded", api_keys=("k",),
+                             model_name="smol", max_body_bytes=200)
+    with Engine(tiny, EngineOptions(slots=1)) as engine:
+        with TestClient(create_app(engine, settings)) as client:
+            assert client.get("/health").json()["model"] == "smol"
+            assert client.post("/v1/completions", json={"prompt": "hi"}).status_code == 401
+            key = {"Authorization": "Bearer k"}
+            big = client.post("/v1/completions", headers=key, json={"prompt": "x" * 300})
+            assert big.status_code == 413
+            r = client.post("/v1/completions", headers=key,
+                            json={"model": "smol", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["model"] == "smol"
+        assert engine.running  # the app's shutdown never stops an engine it does not own
+    with pytest.raises(TypeError, match="pass the settings once"):
+        create_app(settings, settings)
+
+
 def test_settings_app_loads_in_background_cors_and_keys(tiny_bundle: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("\nfirst-key\n  second-key  \n")

@@ -1,10 +1,10 @@
 """The OpenAI-compatible ASGI app over an :class:`~.engine.Engine` (FastAPI; extra ``[serve]``).
 
-``create_app(engine_or_settings)`` builds one app. Given :class:`ServeSettings` it loads the
-bundle in a background thread at startup (``/health`` answers 503 until the engine runs) and
-stops the engine at shutdown; given a started or unstarted :class:`Engine`, the caller owns its
-lifecycle (an embedding process, a Ray Serve replica wrapping this app with
-``@serve.ingress``). Handlers only encode, submit and stream: the engine's loop thread is the
+``create_app(settings)`` loads the bundle in a background thread at startup (``/health``
+answers 503 until the engine runs) and stops the engine at shutdown; ``create_app(engine)`` or
+``create_app(engine, settings)`` (settings then guard the app: keys, CORS, body limit, model
+name) leave the engine's lifecycle to the caller (an embedding process, a Ray Serve replica:
+``serve/ray.py``). Handlers only encode, submit and stream: the engine's loop thread is the
 only caller of the backend.
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: invalid values
@@ -102,14 +102,22 @@ class _State:
         self.on_ready(self.engine.describe())
 
 
-def create_app(source: Engine | ServeSettings) -> FastAPI:
-    """One app over one engine (see the module doc for who owns the engine's lifecycle)."""
-    settings = source if isinstance(source, ServeSettings) else None
-    state = _State(settings, source if isinstance(source, Engine) else None)
+def create_app(source: Engine | ServeSettings, settings: ServeSettings | None = None) -> FastAPI:
+    """One app over one engine (see the module doc for who owns the engine's lifecycle).
+
+    ``create_app(engine, settings)``: the caller owns ``engine`` (e.g. a Ray Serve replica) and
+    ``settings`` only guard the app (API keys, CORS, body limit, model name); its bundle and
+    engine fields are not loaded again."""
+    if isinstance(source, ServeSettings):
+        if settings is not None:
+            raise TypeError("create_app(settings, settings): pass the settings once")
+        engine, settings, bundle = None, source, source.bundle
+    else:
+        engine, bundle = source, str(source.model.path)
+    state = _State(settings, engine)
     if state.model_name is None:
-        bundle = settings.bundle if settings else str(state.engine.model.path)  # type: ignore[union-attr]
         state.model_name = bundle.rstrip("/").rsplit("/", 1)[-1] or "model"
-    app = FastAPI(title="llama-export", lifespan=_lifespan(state) if settings else None,
+    app = FastAPI(title="llama-export", lifespan=_lifespan(state) if engine is None else None,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     _install_errors(app)

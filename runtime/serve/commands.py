@@ -6,10 +6,15 @@ missing ``[serve]`` extra is one line naming it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from llama_export.runtime.commands import _BACKEND_HELP, _BACKENDS, _GRAPH_HELP, _PROVIDERS, _SPIN_HELP
 from llama_export.runtime.errors import InputError
+
+if TYPE_CHECKING:
+    from llama_export.runtime.serve.app import ServeSettings
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -52,12 +57,29 @@ def _ints(text: str) -> tuple[int, ...]:
               help="On SIGTERM, seconds running requests may take to finish before cancelling.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--ray", "use_ray", is_flag=True, help="Serve Ray Serve replicas of this app "
+              "(extra [ray]): Ray routes, queues, autoscales and restarts them.")
+@click.option("--replicas", default=1, show_default=True, type=int,
+              help="With --ray: replicas, each one engine (initial count with --autoscale).")
+@click.option("--autoscale", metavar="MIN:MAX", help="With --ray: scale between MIN and MAX "
+              "replicas on ongoing requests.")
+@click.option("--replica-cpus", type=float, help="With --ray: CPUs per replica (default: this "
+              "machine's cores / replicas, at most 1; 1 on a cluster). Sets --threads too.")
+@click.option("--replica-gpus", default=0.0, show_default=True, type=float,
+              help="With --ray: GPUs per replica.")
+@click.option("--ray-address", help="With --ray: join this Ray cluster (e.g. ray://head:10001 "
+              "or auto) instead of starting a local one.")
+@click.option("--ray-metrics-port", type=int, help="With --ray and a local Ray: the port of "
+              "Ray's Prometheus endpoint (replicas' ray_llama_export_* metrics; default: a free "
+              "port, listed in /tmp/ray/prom_metrics_service_discovery.json).")
 def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, provider: str,
           threads: int | None, spin: bool, graph: str, slots: int, max_queue: int,
           prefill_chunk: int, context: int | None, layout: str, api_keys: tuple[str, ...],
           api_key_file: str | None, cors_origins: tuple[str, ...],
           served_model_name: str | None, max_body_bytes: int, drain_timeout: float,
-          log_level: str) -> None:
+          log_level: str, use_ray: bool, replicas: int, autoscale: str | None,
+          replica_cpus: float | None, replica_gpus: float, ray_address: str | None,
+          ray_metrics_port: int | None) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API with continuous batching."""
     from llama_export.runtime.serve.engine import EngineOptions
 
@@ -76,7 +98,33 @@ def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, 
                              context=context, layout=layout),
         api_keys=read_api_keys(api_keys, api_key_file), cors_origins=cors_origins,
         max_body_bytes=max_body_bytes)
+    ray_opts = {"replicas": replicas, "autoscale": autoscale, "replica_cpus": replica_cpus,
+                "replica_gpus": replica_gpus, "drain_timeout": drain_timeout}
+    if use_ray:
+        _serve_ray(settings, host, port, (ray_address, ray_metrics_port), ray_opts)
+        return
+    defaults = {"replicas": 1, "autoscale": None, "replica_cpus": None, "replica_gpus": 0.0,
+                "ray_address": None, "ray_metrics_port": None}
+    asked = {**ray_opts, "ray_address": ray_address, "ray_metrics_port": ray_metrics_port}
+    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items() if asked[k] != v]
+    if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise InputError(f"{', '.join(given)} only {verb} with --ray: add --ray")
     run_server(settings, host, port, drain_timeout, log_level)
+
+
+def _serve_ray(settings: ServeSettings, host: str, port: int,
+               cluster: tuple[str | None, int | None], raw: dict[str, Any]) -> None:
+    """``cluster``: (--ray-address, --ray-metrics-port); ``raw``: RayOptions' fields."""
+    try:
+        from llama_export.runtime.serve import ray as serve_ray
+    except ImportError as e:
+        from llama_export.runtime.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"`llama-export serve --ray` (module '{e.name}' not found)",
+                                     "ray") from None
+    opts = serve_ray.RayOptions(**{**raw, "autoscale": serve_ray.parse_autoscale(raw["autoscale"])})
+    serve_ray.run_ray(settings, opts, host, port, *cluster)
 
 
 @click.command("bench-serve")

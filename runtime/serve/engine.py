@@ -159,12 +159,14 @@ def choose_layout(model: Model, opts: EngineOptions, capacity: int) -> Layout:
 class Engine:
     """Continuous batching over one loaded :class:`Model`. ``start()`` before submitting."""
 
-    def __init__(self, model: Model, options: EngineOptions | None = None) -> None:
+    def __init__(self, model: Model, options: EngineOptions | None = None,
+                 metrics: EngineMetrics | None = None) -> None:
+        """``metrics``: a subclass that also forwards them (a Ray replica) or None."""
         self.model, self.options = model, options or EngineOptions()
         ctx = model.manifest.max_context
         self.capacity = min(self.options.context or ctx, ctx)
         self.layout = choose_layout(model, self.options, self.capacity)
-        self.metrics = EngineMetrics(self.options.slots)
+        self.metrics = metrics or EngineMetrics(self.options.slots)
         self._cv = threading.Condition()
         self._waiting: deque[Seq] = deque()
         self._thread: threading.Thread | None = None

@@ -40,6 +40,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_open(settings: ServeSettings, host: str) -> None:
+    if not is_loopback(host) and not settings.api_keys:
+        print(f"[serve] warning: listening on {host} without --api-key: anyone who can reach "
+              "this address can use the model", file=sys.stderr)
+
+
 def run_server(settings: ServeSettings, host: str, port: int, drain_timeout: float,
                log_level: str = "info") -> None:
     """Serve until SIGTERM/SIGINT. SIGTERM: stop accepting connections, let running requests
@@ -49,9 +55,7 @@ def run_server(settings: ServeSettings, host: str, port: int, drain_timeout: flo
     except ImportError:
         raise MissingDependencyError("`llama-export serve`", "serve") from None
     Manifest.load(settings.bundle)  # a wrong path fails here, in one line, before binding
-    if not is_loopback(host) and not settings.api_keys:
-        print(f"[serve] warning: listening on {host} without --api-key: anyone who can reach "
-              "this address can use the model", file=sys.stderr)
+    warn_if_open(settings, host)
     app = create_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=max(1, round(drain_timeout)),
