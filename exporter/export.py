@@ -279,7 +279,9 @@ def ort_graph_entry(file: str) -> dict[str, Any]:
     ``kv_buffer: shared``: past and present of a layer may be one preallocated buffer of the
     cache's capacity (GroupQueryAttention then writes the new K/V in place). ``rope_positions:
     slots``: RoPE uses slot indices, equal to the standard graph when ``position_ids`` follow
-    the manifest's contract (``cumsum(attention_mask) - 1``); see ``ort_ops.py``.
+    the manifest's contract (``cumsum(attention_mask) - 1``); see ``ort_ops.py``. ``seqlens:
+    last_one``: each row's length is the index of the last 1 in its mask row, so rows of one
+    batch may have different lengths (right padding; the server's KV slots).
     """
     return {"file": file, "contrib_ops": [f"{MS_DOMAIN}.{op}" for op in CONTRIB_OPS],
-            "kv_buffer": "shared", "rope_positions": "slots"}
+            "kv_buffer": "shared", "rope_positions": "slots", "seqlens": "last_one"}

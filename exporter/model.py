@@ -262,7 +262,11 @@ class LlamaDecoder(nn.Module):
         S = attention_mask.shape[1]
         if self.flavor == "ort":
             total = torch._shape_as_tensor(attention_mask)[1]                 # int64 scalar
-            seqlens_k = torch.zeros_like(attention_mask[:, 0]) + (total - 1)  # (B,)
+            # Per-row length: the index of the row's LAST 1 (ort_ops.py, "seqlens: last_one").
+            # Left-padded batches end in a 1, so this is total - 1 for them; a right-padded
+            # row (the server's slots) writes its new token at its own length.
+            k_pos = torch.arange(S, device=attention_mask.device) + 1          # (S,)
+            seqlens_k = (attention_mask * k_pos[None, :]).amax(dim=1) - 1     # (B,)
             return StepInputs((B, T, S), (self.cos_cache.to(dtype), self.sin_cache.to(dtype)),
                               self._mask(attention_mask, T, S, dtype),
                               seqlens_k.to(torch.int32), total.to(torch.int32))

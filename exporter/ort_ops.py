@@ -20,8 +20,12 @@ past/present bound to one preallocated buffer per layer (GroupQueryAttention's s
 mode: no per-step copy of the cache; the runtime uses it).
 
 Left padding stays exact, by two facts. (1) The padding part of the mask goes in as
-``attention_bias`` with every row treated as ``total`` long (``seqlens_k = total - 1``), so
-GroupQueryAttention's own right-padding assumption never applies; it adds causality itself.
+``attention_bias``, and a left-padded row ends in a 1, so its length (``seqlens_k`` = the
+index of the row's last 1, ``"seqlens": "last_one"`` in the manifest) is ``total - 1``: every row
+is treated as ``total`` long and GroupQueryAttention's own right-padding never applies; it adds
+causality itself. (A right-padded row, e.g. a server slot, gets its own shorter length: it
+writes its new K/V at that index and attends to ``[0, length]``. The eager ``forward`` below
+models the left-padded case only.)
 (2) RoPE inside the op rotates each slot by its *slot* index, while the standard graph uses
 ``position_ids`` = slot minus the row's padding. RoPE scores depend only on the difference of
 the two positions, and a row's offset is the same for every slot, so attention is identical

@@ -114,7 +114,10 @@ class Prefilled:
     rng: np.random.Generator
 
 
-class _Row:
+class TextRow:
+    """One sequence's text side: incremental detokenizer, stop strings and its
+    :class:`Completion` (shared by :class:`BatchGeneration` and the server's engine)."""
+
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], prompt_len: int) -> None:
         self.decoder = IncrementalDecoder(tokenizer)
         self.stopper = StopMatcher(stops)
@@ -152,7 +155,7 @@ class BatchGeneration:
                              "re-export with a larger --max-seq-len")
         self.backend, self.tokenizer, self.options = backend, tokenizer, options
         self.prompts = [list(p) for p in prompts]
-        self.rows = [_Row(tokenizer, options.stop, len(p)) for p in prompts]
+        self.rows = [TextRow(tokenizer, options.stop, len(p)) for p in prompts]
         eos = options.eos_token_ids
         self.eos = frozenset(tokenizer.eos_token_ids if eos is None else eos)
         self.stats = GenerationStats()

@@ -86,3 +86,73 @@ def smollm2_reference(smollm2_gguf: Path):  # type: ignore[no-untyped-def]
     from llama_export.exporter.reference import load_reference
 
     return load_reference(smollm2_gguf)
+
+
+class ServerProcess:
+    """A `llama-export serve` child process on a free loopback port (its own session)."""
+
+    def __init__(self, bundle: Path, *args: str, ready_timeout: float = 180.0) -> None:
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        with socket.socket() as s:  # the OS picks a free port; the server binds it right after
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).with_name("llama-export")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([str(exe), "serve", str(bundle), "--port", str(self.port),
+                                      "--log-level", "warning", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become healthy in time")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait; SIGKILL its session if it does not exit. Returns the exit code."""
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server():  # type: ignore[no-untyped-def]
+    """``start_server(bundle, *cli_args)`` → a running :class:`ServerProcess`; stopped at the
+    end of the session at the latest."""
+    started: list[ServerProcess] = []
+
+    def start(bundle: Path, *args: str) -> ServerProcess:
+        started.append(ServerProcess(bundle, *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

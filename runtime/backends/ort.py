@@ -74,6 +74,7 @@ class OrtKVCache(KVCache):
         self._empty = empty
         self.shared = shared  # values are capacity-sized buffers, bound as past AND present
         self.values: list[Any] = list(empty)
+        self.host: list[np.ndarray] = []  # caller-owned arrays behind ``values`` (cache_over)
 
     def reset(self) -> None:
         super().reset()
@@ -93,6 +94,8 @@ class OrtBackend(Backend):
         spec = manifest.graph(variant, self.graph)
         self.logits_mode = str(spec.get("logits", "all"))
         self._shared_kv = spec.get("kv_buffer") == "shared"
+        # Each row's length is the index of its mask's last 1 (ort_ops.py): per-row lengths.
+        self.row_lengths = self.graph == "ort" and spec.get("seqlens") == "last_one"
         self._past_names = [s.name for s in manifest.inputs(variant) if s.name.startswith("past_")]
         self._present_names = [s.name for s in manifest.outputs(variant)
                                if s.name.startswith("present.")]
@@ -129,11 +132,35 @@ class OrtBackend(Backend):
         return OrtKVCache(batch_size, capacity, [value._ortvalue] * len(self._past_names),
                           shared=False)
 
+    def cache_over(self, arrays: list[np.ndarray]) -> OrtKVCache:
+        """A shared cache over caller-owned host arrays, one per past/present pair, each
+        ``[batch, kv_heads, capacity, head_dim]`` C-contiguous (e.g. leading rows of a larger
+        buffer): ONNX Runtime reads and writes them in place, no copy (the server's KV slots).
+        CPU provider and the ONNX-Runtime graph only."""
+        if not (self._shared_kv and self._device == "cpu"):
+            raise InputError("host-array KV caches need the ONNX-Runtime graph on the CPU "
+                             "provider: use --provider cpu and --graph ort (or auto)")
+        if len(arrays) != len(self._past_names) or not all(
+                a.flags.c_contiguous and a.dtype == self._kv_dtype for a in arrays):
+            raise InputError(f"pass {len(self._past_names)} C-contiguous {self._kv_dtype} arrays "
+                             "(one per past/present pair)")
+        from_numpy = self._ort.OrtValue.ortvalue_from_numpy
+        values = [from_numpy(a)._ortvalue for a in arrays]
+        cache = OrtKVCache(arrays[0].shape[0], arrays[0].shape[2], values, shared=True)
+        cache.host = list(arrays)  # the C values do not keep the arrays alive
+        return cache
+
     def _forward_impl(self, input_ids: np.ndarray, position_ids: np.ndarray,
                       attention_mask: np.ndarray, cache: KVCache, tail: int) -> np.ndarray:
         assert isinstance(cache, OrtKVCache), "cache from another backend"  # programming error
         batch, seq = input_ids.shape
         if self.graph == "ort" and batch > 1 and seq > 1 and cache.length > 0:
+            if self.row_lengths and not attention_mask[:, cache.length:].all():
+                # One token at a time, a masked one would be written at its row's last 1.
+                raise InputError("a batched chunk on top of a past holds masked tokens: this "
+                                 "ONNX-Runtime graph takes each row's length from its mask's "
+                                 "last 1, so feed left padding in the first forward (or use "
+                                 "--graph standard)")
             # GroupQueryAttention takes several new tokens on top of a past only for batch 1
             # (ONNX Runtime 1.32); a batched chunked prefill goes one token at a time.
             c = np.ascontiguousarray
