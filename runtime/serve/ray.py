@@ -232,7 +232,7 @@ def build(settings: ServeSettings, opts: RayOptions, local_cpus: int | None = No
     """The Ray Serve application: ``opts`` replicas of ``settings``' bundle."""
     options = deployment_options(settings, opts, local_cpus)
     per_replica = replica_settings(settings, options["ray_actor_options"]["num_cpus"])
-    return LlamaExportReplica.options(**options).bind(per_replica)  # type: ignore[attr-defined]
+    return LlamaExportReplica.options(**options).bind(per_replica)  # type: ignore[attr-defined,no-any-return]
 
 
 # ---- `serve run llama_export.runtime.serve.ray:app key=value ...` ---------------------------
@@ -256,14 +256,16 @@ def app(args: Mapping[str, Any]) -> Application:
         raise InputError("the bundle arg is missing: serve run ... bundle=PATH")
     bundle = str(args["bundle"])
     Manifest.load(bundle)  # a wrong path fails here in one line, not in every replica
-    engine = EngineOptions(**{k: _int_or_none(args[k]) if k != "layout" else str(args[k])
-                              for k in _ENGINE_ARGS if k in args})
+    engine_args: dict[str, Any] = {k: _int_or_none(args[k]) if k != "layout" else str(args[k])
+                                   for k in _ENGINE_ARGS if k in args}
+    engine = EngineOptions(**engine_args)
     keys = args.get("api_keys") or ()
     if isinstance(keys, str):  # `serve run ... api_keys=a,b`
         keys = keys.split(",")
+    text_args: dict[str, Any] = {k: str(args[k]) for k in _SETTINGS_ARGS if k in args}
     settings = ServeSettings(bundle=bundle, engine=engine, api_keys=tuple(map(str, keys)),
                              threads=_int_or_none(args.get("threads")),
-                             **{k: str(args[k]) for k in _SETTINGS_ARGS if k in args})
+                             **text_args)
     opts = RayOptions(replicas=int(args.get("replicas", 1)),
                       autoscale=parse_autoscale(args.get("autoscale")),
                       replica_cpus=float(args["replica_cpus"]) if "replica_cpus" in args else None,
@@ -318,7 +320,7 @@ def run_ray(settings: ServeSettings, opts: RayOptions, host: str, port: int,
     finally:
         print("[serve] shutting down", file=sys.stderr, flush=True)
         started = psutil.Process().children(recursive=True) if address is None else []
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
         _reap(started)
         for s, handler in previous.items():
