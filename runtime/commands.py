@@ -46,6 +46,25 @@ _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle mac
               "--no-spin is faster when other processes share the cores.")
 
 
+def backend_options(f: Any) -> Any:
+    """--variant --backend --provider --threads --spin --graph: how a command loads a bundle
+    (generate, serve)."""
+    options = [
+        click.option("--variant", help="Bundle variant (default: fp32, else the first)."),
+        click.option("--backend", type=_BACKENDS, default="ort", show_default=True,
+                     help=_BACKEND_HELP),
+        click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True),
+        click.option("--threads", type=int,
+                     help="ONNX Runtime intra-op threads (default: all cores)."),
+        click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP),
+        click.option("--graph", type=click.Choice(["auto", "standard", "ort"]), default="auto",
+                     show_default=True, help=_GRAPH_HELP),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--prompt", help="Plain text prompt.")
@@ -59,13 +78,7 @@ _SPIN_HELP = ("ONNX Runtime threads busy-wait between ops: faster on an idle mac
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int, help="Same seed, same text.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable; not printed).")
-@click.option("--variant", help="Bundle variant (default: fp32, else the first).")
-@click.option("--backend", type=_BACKENDS, default="ort", show_default=True, help=_BACKEND_HELP)
-@click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True)
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
-@click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
-@click.option("--graph", type=click.Choice(["auto", "standard", "ort"]), default="auto",
-              show_default=True, help=_GRAPH_HELP)
+@backend_options
 @click.option("--speculative", "spec", metavar="lookup|draft:BUNDLE", help=_SPEC_HELP)
 @click.option("--draft-tokens", default=8, show_default=True, type=int, help=_DRAFT_TOKENS_HELP)
 def generate(bundle: str, prompt: str | None, chat_text: str | None, system: str | None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from llama_export.runtime.commands import _BACKEND_HELP, _BACKENDS, _GRAPH_HELP, _PROVIDERS, _SPIN_HELP
+from llama_export.runtime.commands import backend_options
 from llama_export.runtime.errors import InputError
 
 if TYPE_CHECKING:
@@ -29,13 +29,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (loopback by default; anything else needs care).")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--variant", help="Bundle variant (default: fp32, else the first).")
-@click.option("--backend", type=_BACKENDS, default="ort", show_default=True, help=_BACKEND_HELP)
-@click.option("--provider", type=_PROVIDERS, default="cpu", show_default=True)
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
-@click.option("--spin/--no-spin", default=True, show_default=True, help=_SPIN_HELP)
-@click.option("--graph", type=click.Choice(["auto", "standard", "ort"]), default="auto",
-              show_default=True, help=_GRAPH_HELP)
+@backend_options
 @click.option("--slots", default=8, show_default=True, type=int,
               help="Requests decoded together (KV cache rows).")
 @click.option("--max-queue", default=64, show_default=True, type=int,
