@@ -62,12 +62,13 @@ def start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen[by
 def servers(args: argparse.Namespace) -> dict[str, list[str]]:
     """name -> command line with a {port} placeholder."""
     out = {}
+    per_slot = str(args.prompt_len + args.gen_len + 64)  # KV positions per slot, every server
     for variant in args.variants.split(","):
         for chunk in args.chunks.split(","):
             name = f"ours-{variant}" + (f"-chunk{chunk}" if "," in args.chunks else "")
             out[name] = [CLI, "serve", args.bundle, "--variant", variant, "--port", "{port}",
                          "--slots", str(args.slots), "--prefill-chunk", chunk,
-                         "--context", str(args.prompt_len + args.gen_len + 64),
+                         "--context", per_slot,
                          "--log-level", "warning"]
     for n in [int(x) for x in args.ray.split(",") if x]:
         for variant in args.variants.split(","):
@@ -75,11 +76,11 @@ def servers(args: argparse.Namespace) -> dict[str, list[str]]:
                 CLI, "serve", args.bundle, "--variant", variant, "--port", "{port}", "--ray",
                 "--replicas", str(n), "--replica-cpus", str((os.cpu_count() or 1) / n),
                 "--slots", str(args.slots), "--prefill-chunk", args.chunks.split(",")[0],
-                "--context", str(args.prompt_len + args.gen_len + 64)]
+                "--context", per_slot]
     if args.llama_server:  # the same KV positions per slot as ours (-c is shared by -np slots)
         out["llama-server"] = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1",
                                "--port", "{port}", "-np", str(args.slots), "-t", "2",
-                               "-c", str(args.slots * (args.prompt_len + args.gen_len + 64)),
+                               "-c", str(args.slots * int(per_slot)),
                                "--no-webui"]
     return out
 
