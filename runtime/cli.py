@@ -8,6 +8,7 @@ command modules by string only, so the runtime package never imports exporter/ca
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import sys
@@ -145,6 +146,33 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        message = _os_error_message(e)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
+
+
+# Environment failures a user fixes outside the program: one line naming the path and the fix,
+# never a traceback from the library that happened to be writing. Commands write to a temporary
+# path and rename when complete, so such a failure leaves no half-written output behind.
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on device{at}: free disk space, or write to another disk "
+                  "(-o PATH; TMPDIR for temporary files)",
+    errno.EDQUOT: "disk quota exceeded{at}: free space within the quota, or write to another disk",
+    errno.EROFS: "read-only file system{at}: write to a writable location (-o PATH)",
+    errno.EACCES: "permission denied{at}: choose a location you may write to, or fix its "
+                  "permissions",
+}
+
+
+def _os_error_message(e: OSError) -> str | None:
+    template = _OS_FIXES.get(e.errno) if e.errno is not None else None
+    if template is None:
+        return None
+    at = f" ({e.filename})" if e.filename else ""
+    return template.format(at=at)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,39 @@ def test_forced_export_replaces_bundle(tiny_bundle: Path, tmp_path: Path, good_s
     assert not (bundle / "stale.txt").exists()
     assert json.loads((bundle / "manifest.json").read_text())["variants"]["fp32"]["logits"] == "last"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_full_disk_is_one_line_and_keeps_old_bundle(tiny_bundle: Path, tmp_path: Path,
+                                                    good_source: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # CI once ran out of disk while the exporter wrote its external-data file: a traceback from
+    # onnx_tidy. The disk filling up is the user's to fix: one line naming it, old bundle intact.
+    import errno
+
+    import llama_export.exporter.export as export_mod
+
+    def full_disk(pairs: list[tuple[Path, Path]]) -> str:
+        target = pairs[0][1].with_suffix(".data")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(export_mod, "tidy_onnx_graphs", full_disk)
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    code, line = run_cli(["onnx", str(good_source), "-o", str(bundle), "--force"], capsys)
+    assert code == 2
+    assert line.startswith("error: no space left on device (")
+    assert "free disk space, or write to another disk" in line
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_other_os_errors_keep_their_traceback() -> None:
+    # Only environment failures with a user-side fix become one line; the rest are bugs.
+    import errno
+
+    from llama_export.runtime import cli
+
+    assert cli._os_error_message(OSError(errno.EBADF, "Bad file descriptor")) is None
+    assert cli._os_error_message(OSError(errno.EROFS, "Read-only", "/x")) == (
+        "read-only file system (/x): write to a writable location (-o PATH)")
