@@ -19,6 +19,7 @@ from llama_export.runtime.errors import BundleError
 from llama_export.runtime.manifest import Manifest
 
 from .graph import save_model
+from .nbits import fuse_matmul_nbits
 
 SOURCE_VARIANT = "fp32"
 
@@ -80,6 +81,9 @@ def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.Model
         names = [n for n in (data_file, *(extra or {})) if n]
         if ort_model is not None:
             ort_entry = entry["ort_graph"]
+            # ONNX Runtime would fuse DQ+MatMul itself, at the cost of a second copy of the
+            # weights while the session loads (calibration/nbits.py): store it fused.
+            ort_model, ort_entry["matmul_nbits"] = fuse_matmul_nbits(ort_model)
             ort_entry["data_file"] = save_model(ort_model, tmp / ort_entry["file"])
             names += [n for n in (ort_entry["data_file"], ort_entry["file"]) if n]
         for rel, text in (extra or {}).items():

@@ -238,7 +238,11 @@ def test_int4_ort_graph_quantized_like_the_standard_graph(int8_bundle: Path) -> 
     plain = [n for n in model.graph.node if n.op_type == "MatMul" and idx.const_name(n.input[1])
              and not n.input[1].startswith("block_sum") and not n.input[1].endswith(".offset")]
     assert not plain  # no float weight left but the offset terms
-    assert ops.count("DequantizeLinear") == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
+    # stored fused (calibration/nbits.py): qkv, o, gate, up, down per layer + lm_head (8-bit)
+    assert "DequantizeLinear" not in ops and entry["matmul_nbits"] == ops.count("MatMulNBits")
+    bits = [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"]
+    assert sorted(bits) == [4] * (2 * 5) + [8]
     feed = _feed(manifest, 5)
     got = ort.InferenceSession(str(int8_bundle / entry["file"]),
                                providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
@@ -280,10 +284,10 @@ def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
     model = onnx.load(str(int8_bundle / entry["file"]))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "QuantizeLinear" not in ops
-    idx = GraphIndex(model)
-    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
-    assert all(idx.array(n.input[0]).dtype == np.int8 for n in dqs)
+    # stored fused (calibration/nbits.py): qkv, o, gate, up, down per layer + lm_head
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert "DequantizeLinear" not in ops and len(nbits) == 2 * 5 + 1 == entry["matmul_nbits"]
+    assert all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
     with load_bundle(int8_bundle, variant="int8") as m:
         assert m.backend.graph == "ort"
 

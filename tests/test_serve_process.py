@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from llama_export.runtime import load_bundle
@@ -19,7 +20,8 @@ CLI = Path(sys.executable).with_name("llama-export")
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, start_server: Any) -> Any:
-    return start_server(tiny_bundle, "--slots", "4")
+    # --speculative: a request alone drafts by prompt lookup; the answers below stay greedy's
+    return start_server(tiny_bundle, "--slots", "4", "--speculative", "lookup")
 
 
 def test_example_client(server: Any, tiny_bundle: Path) -> None:
@@ -32,6 +34,9 @@ def test_example_client(server: Any, tiny_bundle: Path) -> None:
     lines = out.stdout.split("\n")
     assert lines[:2] == ["Q: hello?", f"A: {want[0]}"]  # greedy: the runtime's answer
     assert f"Q: a\nA: {want[1]}\nQ: b\nA: {want[2]}\n[2 concurrent answers in" in out.stdout
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "llama_export_draft_tokens_total" in metrics
+    assert "llama_export_draft_accepted_tokens_total" in metrics
 
 
 def test_bench_serve_reports_each_level(server: Any) -> None:

@@ -40,6 +40,11 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--layout", type=click.Choice(["auto", "rows", "aligned"]), default="auto",
               show_default=True, help="KV slot layout: rows needs a per-row-length ONNX-Runtime "
               "graph on CPU; aligned works with every backend.")
+@click.option("--speculative", type=click.Choice(["lookup"]), help="Prompt-lookup speculative "
+              "decoding while one request runs alone (greedy text unchanged; needs a bundle "
+              "exported with --logits tail:N and the row layout).")
+@click.option("--draft-tokens", default=8, show_default=True, type=int,
+              help="With --speculative: most drafts verified per forward (adaptive below it).")
 @click.option("--api-key", "api_keys", multiple=True, help="Require Authorization: Bearer KEY "
               "on /v1/* (repeatable).")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), help="Keys, one per line.")
@@ -68,7 +73,8 @@ def _ints(text: str) -> tuple[int, ...]:
               "port, listed in /tmp/ray/prom_metrics_service_discovery.json).")
 def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, provider: str,
           threads: int | None, spin: bool, graph: str, slots: int, max_queue: int,
-          prefill_chunk: int, context: int | None, layout: str, api_keys: tuple[str, ...],
+          prefill_chunk: int, context: int | None, layout: str, speculative: str | None,
+          draft_tokens: int, api_keys: tuple[str, ...],
           api_key_file: str | None, cors_origins: tuple[str, ...],
           served_model_name: str | None, max_body_bytes: int, drain_timeout: float,
           log_level: str, use_ray: bool, replicas: int, autoscale: str | None,
@@ -89,7 +95,8 @@ def serve(bundle: str, host: str, port: int, variant: str | None, backend: str, 
         bundle=bundle, variant=variant, backend=backend, provider=provider, threads=threads,
         spin=spin, graph=graph, model_name=served_model_name,
         engine=EngineOptions(slots=slots, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                             context=context, layout=layout),
+                             context=context, layout=layout, speculative=speculative,
+                             draft_tokens=draft_tokens),
         api_keys=read_api_keys(api_keys, api_key_file), cors_origins=cors_origins,
         max_body_bytes=max_body_bytes)
     ray_opts = {"replicas": replicas, "autoscale": autoscale, "replica_cpus": replica_cpus,

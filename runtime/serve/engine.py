@@ -43,6 +43,8 @@ from llama_export.runtime.generate import TextRow
 from llama_export.runtime.sampling import SamplingOptions, sample
 from llama_export.runtime.serve.metrics import EngineMetrics, MetricsSnapshot
 from llama_export.runtime.serve.slots import AlignedSlots, Layout, RowSlots, SlotState, StepPlan
+from llama_export.runtime.spec_generate import draft_window
+from llama_export.runtime.speculative import AdaptiveDraftLength, lookup_draft, verify_row
 
 FinishReason = Literal["eos", "stop", "length", "context", "cancelled", "error"]
 LAYOUTS = ("auto", "rows", "aligned")
@@ -71,6 +73,8 @@ class EngineOptions:
     prefill_chunk: int = 64
     context: int | None = None
     layout: str = "auto"
+    speculative: str | None = None  # "lookup": prompt-lookup drafts while one request runs
+    draft_tokens: int = 8
 
     def __post_init__(self) -> None:
         for name in ("slots", "prefill_chunk"):
@@ -82,6 +86,12 @@ class EngineOptions:
             raise InputError(f"--context must be >= 2, got {self.context}")
         if self.layout not in LAYOUTS:
             raise InputError(f"layout {self.layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
+        if self.speculative not in (None, "lookup"):
+            raise InputError(f"--speculative {self.speculative} is not available in the serve "
+                             "engine: use lookup (draft-model speculation is for generate and "
+                             "bench)")
+        if self.draft_tokens < 1:
+            raise InputError(f"--draft-tokens must be >= 1, got {self.draft_tokens}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class Seq(SlotState):
     max_new: int = 0
     prefilled: int = 0
     tokens: list[int] = field(default_factory=list)  # every sampled token, EOS included
+    drafts: AdaptiveDraftLength | None = None  # speculation: this request's draft length
     cancelled: bool = False
     done: bool = False
     t_submit: float = 0.0
@@ -173,6 +184,13 @@ class Engine:
         self._accepting = False
         self._drain = True
         self._vocab = model.manifest.vocab_size
+        self._draft_max = 0  # 0: no speculation
+        if self.options.speculative:
+            if not isinstance(self.layout, RowSlots):
+                raise InputError("speculation in the serve engine needs the row layout (the "
+                                 "ONNX-Runtime graph on CPU): drop --speculative, or serve "
+                                 "with --graph ort --provider cpu")
+            self._draft_max = min(self.options.draft_tokens, draft_window(model.backend))
 
     @property
     def layout_name(self) -> str:
@@ -194,6 +212,9 @@ class Engine:
                 f"{self.options.slots} slots x {self.capacity} positions, {self.layout_name} "
                 f"layout, prefill chunk {self.options.prefill_chunk}, KV cache up to "
                 f"{self.kv_bytes() / 2**30:.2f} GiB (--slots x --context)")
+        if self._draft_max:
+            line += (f", prompt-lookup speculation (up to {self._draft_max} drafts) while one "
+                     "request runs alone")
         if self.layout_name == "aligned" and graph == "ort":
             line += ("; this bundle's ONNX-Runtime graph predates per-row lengths: re-export it "
                      "(`llama-export onnx`) for the faster row layout")
@@ -338,6 +359,9 @@ class Engine:
         assert pre is None or isinstance(pre, Seq)
         chunk = pre.prompt[pre.prefilled:pre.prefilled + self.options.prefill_chunk] if pre else []
         decoders: list[Seq] = list(self.layout.decoding)  # type: ignore[arg-type]
+        if self._draft_max and pre is None and len(decoders) == 1 and not self._waiting \
+                and self._speculate(decoders[0]):
+            return
         if not chunk and not decoders:
             return
         t0 = time.perf_counter()
@@ -353,6 +377,41 @@ class Engine:
                 self.metrics.first_token(time.perf_counter() - pre.t_submit, len(pre.prompt))
                 self.layout.promote(pre)
                 self._accept(pre, int(self._sample([pre], first[None])[0]))
+
+    def _speculate(self, seq: Seq) -> bool:
+        """One prompt-lookup step for the only running request: draft from its prompt and
+        text, verify every draft in one forward of its row, keep the agreeing prefix plus one
+        token of the model's own (``speculative.verify_row``: greedy text unchanged, sampling by
+        the rejection rule), roll the row back past the rest. False (nothing ran): no draft, or
+        the request still bans EOS (``min_tokens``); the plain step runs instead.
+
+        Only while one request runs: a lone stream leaves the weight reads of a step to one
+        token, which verification fills; with two or more, batching already shares them and a
+        row's verification would stall the others."""
+        if len(seq.tokens) < seq.options.min_tokens and seq.eos:
+            return False
+        if seq.drafts is None:
+            seq.drafts = AdaptiveDraftLength(self._draft_max)
+        budget = min(seq.drafts.budget(), self.capacity - seq.length - 1,
+                     seq.max_new - len(seq.tokens) - 1)
+        draft = lookup_draft([*seq.prompt, *seq.tokens], budget) if budget > 0 else []
+        if not draft:
+            return False
+        assert isinstance(self.layout, RowSlots)
+        t0, before = time.perf_counter(), seq.length
+        logits = self.layout.verify(seq, [seq.tokens[-1], *draft])
+        rng = seq.rng if seq.rng is not None else np.random.default_rng(0)  # unused if greedy
+        verdict = verify_row(logits, draft, seq.options.sampling, rng,
+                             seen=None if seq.seen is None else seq.seen[0])
+        seq.length = before + 1 + verdict.accepted  # the fed token and the kept drafts
+        seq.drafts.update(len(draft), verdict.accepted)
+        self.metrics.step(time.perf_counter() - t0, 1, prefill=False)
+        self.metrics.speculation(len(draft), verdict.accepted)
+        for token in verdict.tokens:  # token by token: stops and limits exactly as plain
+            self._accept(seq, token)
+            if seq.done:
+                break
+        return True
 
     def _sample(self, seqs: Sequence[Seq], logits: np.ndarray) -> np.ndarray:
         out = np.argmax(logits, axis=-1)

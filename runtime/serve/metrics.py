@@ -57,6 +57,8 @@ class MetricsSnapshot:
     request_seconds: Histogram
     batch_size: Histogram
     kv_positions_copied: int
+    draft_tokens: int = 0  # speculation (prompt lookup): drafts verified
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 class EngineMetrics:
@@ -73,6 +75,8 @@ class EngineMetrics:
         self.prefill_step = Histogram(STEP_BUCKETS)
         self.request_seconds = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(tuple(float(n) for n in range(1, slots + 1)))
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
 
     def finished(self, reason: str, seconds: float) -> None:
         with self._lock:
@@ -92,6 +96,12 @@ class EngineMetrics:
             if decoders:
                 self.batch_size.observe(decoders)
 
+    def speculation(self, drafted: int, accepted: int) -> None:
+        """One verification forward: ``drafted`` prompt-lookup drafts, ``accepted`` kept."""
+        with self._lock:
+            self.draft_tokens += drafted
+            self.accepted_draft_tokens += accepted
+
     def tokens(self, n: int) -> None:
         with self._lock:
             self.generated_tokens += n
@@ -106,4 +116,5 @@ class EngineMetrics:
             return MetricsSnapshot(running, waiting, self.slots, dict(self.requests),
                                    self.prompt_tokens, self.generated_tokens, copy(self.ttft),
                                    copy(self.decode_step), copy(self.prefill_step),
-                                   copy(self.request_seconds), copy(self.batch_size), copied)
+                                   copy(self.request_seconds), copy(self.batch_size), copied,
+                                   self.draft_tokens, self.accepted_draft_tokens)

@@ -38,6 +38,10 @@ def families(s: MetricsSnapshot) -> Iterator[Any]:
                               value=s.generated_tokens)
     yield CounterMetricFamily(f"{PREFIX}_kv_positions_copied", "KV positions moved to keep "
                               "decoding slots compact.", value=s.kv_positions_copied)
+    yield CounterMetricFamily(f"{PREFIX}_draft_tokens", "Speculative drafts (prompt lookup) "
+                              "verified.", value=s.draft_tokens)
+    yield CounterMetricFamily(f"{PREFIX}_draft_accepted_tokens", "Speculative drafts the model "
+                              "agreed with (kept).", value=s.accepted_draft_tokens)
     yield _histogram("time_to_first_token_seconds", "Submit to first token.", s.ttft)
     yield _histogram("decode_step_seconds", "Engine steps without a prompt chunk (one token "
                      "for every decoding request).", s.decode_step)

@@ -237,13 +237,15 @@ def build(settings: ServeSettings, opts: RayOptions, local_cpus: int | None = No
 
 # ---- `serve run llama_export.runtime.serve.ray:app key=value ...` ---------------------------
 _ENGINE_ARGS = tuple(f.name for f in fields(EngineOptions))
+_TEXT_ENGINE_ARGS = ("layout", "speculative")
 _SETTINGS_ARGS = ("variant", "backend", "provider", "graph", "model_name")
 
 
 def app(args: Mapping[str, Any]) -> Application:
     """Application builder for ``serve run`` and Serve config files (``args:``): ``bundle``
     (required), ``variant``, ``backend``, ``provider``, ``graph``, ``model_name``, ``threads``,
-    ``slots``, ``max_queue``, ``prefill_chunk``, ``context``, ``layout``, ``api_keys`` (a list
+    ``slots``, ``max_queue``, ``prefill_chunk``, ``context``, ``layout``, ``speculative``,
+    ``draft_tokens``, ``api_keys`` (a list
     or comma-separated), ``replicas``, ``autoscale`` ("MIN:MAX"), ``replica_cpus`` (default 1,
     also the threads), ``replica_gpus``. A config file's deployment options override these."""
     known = {"bundle", "threads", "api_keys", "replicas", "autoscale", "replica_cpus",
@@ -256,8 +258,8 @@ def app(args: Mapping[str, Any]) -> Application:
         raise InputError("the bundle arg is missing: serve run ... bundle=PATH")
     bundle = str(args["bundle"])
     Manifest.load(bundle)  # a wrong path fails here in one line, not in every replica
-    engine_args: dict[str, Any] = {k: _int_or_none(args[k]) if k != "layout" else str(args[k])
-                                   for k in _ENGINE_ARGS if k in args}
+    engine_args: dict[str, Any] = {k: str(args[k]) if k in _TEXT_ENGINE_ARGS
+                                   else _int_or_none(args[k]) for k in _ENGINE_ARGS if k in args}
     engine = EngineOptions(**engine_args)
     keys = args.get("api_keys") or ()
     if isinstance(keys, str):  # `serve run ... api_keys=a,b`

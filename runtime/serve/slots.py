@@ -185,6 +185,22 @@ class RowSlots(Layout):
             s.length += 1
         return first, logits
 
+    def verify(self, seq: SlotState, feed: list[int]) -> np.ndarray:
+        """Speculation: one forward of ``feed`` (the row's next token, then drafts) on ``seq``'s
+        row alone, logits at every fed position ``[len(feed), vocab]``. ``seq.length`` grows by
+        ``len(feed)``; the caller sets it back past the rejected drafts (positions beyond a
+        row's length are never attended to, and the next forward overwrites them)."""
+        cache = self._cache(seq.slot, seq.slot + 1)
+        cache.length = seq.length
+        total = seq.length + len(feed)
+        ids = np.array([feed], dtype=np.int64)
+        pos = np.arange(seq.length, total, dtype=np.int64)[None, :]
+        logits = self.backend.forward_tail(ids, pos, np.ones((1, total), np.int64), cache,
+                                           len(feed))
+        seq.length = total
+        rows: np.ndarray = logits[0]
+        return rows
+
     def _prefill(self, seq: SlotState, chunk: list[int]) -> np.ndarray:
         cache = self._cache(seq.slot, seq.slot + 1)
         cache.length = seq.length

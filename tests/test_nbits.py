@@ -1,0 +1,87 @@
+"""Quantized ONNX-Runtime graphs are stored with MatMulNBits (calibration/nbits.py): the fused
+node computes what the blocked DequantizeLinear + MatMul computes, bit for bit what ONNX
+Runtime's own load-time fusion computes, and a bundle's quantized ORT graphs hold no DQ+MatMul
+pair left for ONNX Runtime to fuse (the load-time copy cost peak RSS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llama_export.calibration.nbits import fuse_matmul_nbits
+from llama_export.calibration.qdq import pack_int4
+
+
+def _dq_matmul(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, kind: int,
+               block: int) -> onnx.ModelProto:
+    k, n = q.shape
+    if kind == TensorProto.INT8:
+        inits = [numpy_helper.from_array(q.astype(np.int8), "w.quant")]
+    else:
+        inits = [helper.make_tensor("w.quant", kind, q.shape, pack_int4(q), raw=True)]
+    inits.append(numpy_helper.from_array(scale.astype(np.float32), "w.scale"))
+    ins = ["w.quant", "w.scale"]
+    if zp is not None:
+        inits.append(helper.make_tensor("w.zp", TensorProto.UINT4, zp.shape, pack_int4(zp),
+                                        raw=True))
+        ins.append("w.zp")
+    nodes = [helper.make_node("DequantizeLinear", ins, ["w.dq"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w.dq"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["M", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out: np.ndarray = s.run(None, {"x": x})[0]
+    return out
+
+
+CASES = {  # name: (ONNX weight type, K, N, block, zero point)
+    "int8": (TensorProto.INT8, 64, 24, 32, False),
+    "int4": (TensorProto.INT4, 64, 24, 32, False),
+    "uint4-zp": (TensorProto.UINT4, 64, 24, 16, True),
+    "uint4": (TensorProto.UINT4, 64, 24, 32, False),
+    "int4-k-not-blocks": (TensorProto.INT4, 40, 8, 16, False),
+    "uint4-zp-odd-blocks": (TensorProto.UINT4, 48, 8, 16, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_node_computes_the_dequantized_matmul(case: str) -> None:
+    kind, k, n, block, with_zp = CASES[case]
+    rng = np.random.default_rng(0)
+    nb = -(-k // block)
+    lo, hi = {TensorProto.INT8: (-128, 128), TensorProto.INT4: (-8, 8)}.get(kind, (0, 16))
+    q = rng.integers(lo, hi, size=(k, n)).astype(np.int8 if lo < 0 else np.uint8)
+    scale = rng.uniform(-0.05, 0.05, size=(nb, n)).astype(np.float32)  # negative scales too
+    zp = rng.integers(0, 16, size=(nb, n)).astype(np.uint8) if with_zp else None
+    model = _dq_matmul(q, scale, zp, kind, block)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    want = _run(model, x, optimize=False)  # DequantizeLinear then MatMul, as written
+
+    exact, count = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()),
+                                     accuracy_level=0)
+    assert count == 1 and [nd.op_type for nd in exact.graph.node] == ["MatMulNBits"]
+    assert {t.name for t in exact.graph.initializer}.isdisjoint({"w.quant", "w.zp"})
+    np.testing.assert_allclose(_run(exact, x, optimize=False), want, rtol=1e-5, atol=1e-5)
+
+    if k % block == 0:  # what ONNX Runtime's load-time fusion makes, at its accuracy level
+        ours, _ = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()))
+        np.testing.assert_array_equal(_run(ours, x, optimize=True), _run(model, x, optimize=True))
+
+
+def test_other_patterns_are_left_alone() -> None:
+    q = np.ones((64, 8), np.int8)
+    model = _dq_matmul(q, np.ones((2, 8), np.float32), None, TensorProto.INT8, 32)
+    model.graph.node[0].attribute[0].i = 1  # axis 1: not the blocked-weight form
+    assert fuse_matmul_nbits(model)[1] == 0
