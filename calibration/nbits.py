@@ -70,15 +70,15 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
     blocked (``axis=0``) int8/int4/uint4 weights by one ``MatMulNBits`` (in place; returns the
     model and the count). Anything else is left as it is."""
     idx = GraphIndex(model)
-    producers = {o: nd for nd in model.graph.node for o in nd.output}
+    producers = {o: (i, nd) for i, nd in enumerate(model.graph.node) for o in nd.output}
     uses = Counter(i for nd in model.graph.node for i in nd.input)
     inits = {t.name: t for t in model.graph.initializer}
-    dead: set[str] = set()
+    dead: set[int] = set()  # positions of the fused DequantizeLinear nodes
     fused: dict[int, onnx.NodeProto] = {}
     for pos, mm in enumerate(model.graph.node):
         if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
             continue
-        dq = producers.get(mm.input[1])
+        dq_pos, dq = producers.get(mm.input[1], (-1, None))
         if dq is None or dq.op_type != "DequantizeLinear" or uses[dq.output[0]] != 1:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -110,10 +110,10 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
             "MatMulNBits", inputs, list(mm.output), name=(mm.name or mm.output[0]) + "_nbits",
             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
             accuracy_level=accuracy_level)
-        dead.add(id(dq))
+        dead.add(dq_pos)
     if not fused:
         return model, 0
-    nodes = [fused.get(i, nd) for i, nd in enumerate(model.graph.node) if id(nd) not in dead]
+    nodes = [fused.get(i, nd) for i, nd in enumerate(model.graph.node) if i not in dead]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for nd in model.graph.node for i in nd.input}
