@@ -15,8 +15,6 @@ form holds for the stored graph.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -70,22 +68,20 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
     blocked (``axis=0``) int8/int4/uint4 weights by one ``MatMulNBits`` (in place; returns the
     model and the count). Anything else is left as it is."""
     idx = GraphIndex(model)
-    producers = {o: (i, nd) for i, nd in enumerate(model.graph.node) for o in nd.output}
-    uses = Counter(i for nd in model.graph.node for i in nd.input)
-    inits = {t.name: t for t in model.graph.initializer}
+    position = {o: i for i, nd in enumerate(model.graph.node) for o in nd.output}
     dead: set[int] = set()  # positions of the fused DequantizeLinear nodes
     fused: dict[int, onnx.NodeProto] = {}
     for pos, mm in enumerate(model.graph.node):
         if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
             continue
-        dq_pos, dq = producers.get(mm.input[1], (-1, None))
-        if dq is None or dq.op_type != "DequantizeLinear" or uses[dq.output[0]] != 1:
+        dq = idx.producer.get(mm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(idx.consumers[dq.output[0]]) != 1:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
         block = int(attrs.get("block_size", 0))
         if int(attrs.get("axis", 1)) != 0 or block < 16 or block & (block - 1):
             continue
-        w = inits.get(dq.input[0])
+        w = idx.inits.get(dq.input[0])
         if w is None or w.data_type not in _BITS or len(w.dims) != 2 or \
                 any(idx.const_name(i) is None for i in dq.input[1:]):
             continue
@@ -100,7 +96,7 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
         base = dq.input[0].removesuffix(".quant")
         names = [fresh_name(model, base + s) for s in (".nbits", ".nbits_scales", ".nbits_zp")]
         set_initializer(model, names[0], blob)
-        set_initializer(model, names[1], scales.astype(scale.dtype))
+        set_initializer(model, names[1], scales)
         inputs = [mm.input[0], names[0], names[1]]
         if zps is not None:
             set_initializer(model, names[2], zps)
@@ -110,7 +106,7 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
             "MatMulNBits", inputs, list(mm.output), name=(mm.name or mm.output[0]) + "_nbits",
             domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
             accuracy_level=accuracy_level)
-        dead.add(dq_pos)
+        dead.add(position[dq.output[0]])
     if not fused:
         return model, 0
     nodes = [fused.get(i, nd) for i, nd in enumerate(model.graph.node) if i not in dead]

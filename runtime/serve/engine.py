@@ -48,6 +48,7 @@ from llama_export.runtime.speculative import AdaptiveDraftLength, lookup_draft, 
 
 FinishReason = Literal["eos", "stop", "length", "context", "cancelled", "error"]
 LAYOUTS = ("auto", "rows", "aligned")
+_UNUSED_RNG = np.random.default_rng(0)  # greedy verification draws nothing
 
 
 class QueueFullError(LlamaExportError):
@@ -400,8 +401,7 @@ class Engine:
         assert isinstance(self.layout, RowSlots)
         t0, before = time.perf_counter(), seq.length
         logits = self.layout.verify(seq, [seq.tokens[-1], *draft])
-        rng = seq.rng if seq.rng is not None else np.random.default_rng(0)  # unused if greedy
-        verdict = verify_row(logits, draft, seq.options.sampling, rng,
+        verdict = verify_row(logits, draft, seq.options.sampling, seq.rng or _UNUSED_RNG,
                              seen=None if seq.seen is None else seq.seen[0])
         seq.length = before + 1 + verdict.accepted  # the fed token and the kept drafts
         seq.drafts.update(len(draft), verdict.accepted)

@@ -171,7 +171,7 @@ class RowSlots(Layout):
     def run(self, plan: StepPlan) -> tuple[np.ndarray | None, np.ndarray | None]:
         first = None
         if self.prefilling is not None and plan.chunk:
-            first = self._prefill(self.prefilling, plan.chunk)
+            first = self._row_forward(self.prefilling, plan.chunk)
         if not self.decoding:
             return first, None
         lens = np.array([s.length for s in self.decoding], dtype=np.int64)
@@ -190,24 +190,20 @@ class RowSlots(Layout):
         row alone, logits at every fed position ``[len(feed), vocab]``. ``seq.length`` grows by
         ``len(feed)``; the caller sets it back past the rejected drafts (positions beyond a
         row's length are never attended to, and the next forward overwrites them)."""
-        cache = self._cache(seq.slot, seq.slot + 1)
-        cache.length = seq.length
-        total = seq.length + len(feed)
-        ids = np.array([feed], dtype=np.int64)
-        pos = np.arange(seq.length, total, dtype=np.int64)[None, :]
-        logits = self.backend.forward_tail(ids, pos, np.ones((1, total), np.int64), cache,
-                                           len(feed))
-        seq.length = total
-        rows: np.ndarray = logits[0]
-        return rows
+        return self._row_forward(seq, feed, tail=len(feed))
 
-    def _prefill(self, seq: SlotState, chunk: list[int]) -> np.ndarray:
+    def _row_forward(self, seq: SlotState, tokens: list[int], tail: int | None = None
+                     ) -> np.ndarray:
+        """``tokens`` on top of ``seq``'s row alone: last-position logits ``[vocab]``, or those
+        of the last ``tail`` positions ``[tail, vocab]``."""
         cache = self._cache(seq.slot, seq.slot + 1)
         cache.length = seq.length
-        total = seq.length + len(chunk)
-        ids = np.array([chunk], dtype=np.int64)
+        total = seq.length + len(tokens)
+        ids = np.array([tokens], dtype=np.int64)
         pos = np.arange(seq.length, total, dtype=np.int64)[None, :]
-        logits = self.backend.forward(ids, pos, np.ones((1, total), np.int64), cache)
+        mask = np.ones((1, total), np.int64)
+        logits = (self.backend.forward(ids, pos, mask, cache) if tail is None else
+                  self.backend.forward_tail(ids, pos, mask, cache, tail))
         seq.length = total
         row: np.ndarray = logits[0]
         return row
