@@ -3,9 +3,9 @@
 ONNX Runtime fuses this pair by itself when it loads a graph (shared/DESIGN.md §9), but it does
 so on loaded weights: the int8/int4 initializer is read, then re-laid out into the kernel's
 ``[N, blocks, blob]`` form, and both copies are resident while the session starts. Measured on
-SmolLM2's int8 ONNX-Runtime graph: a bare session peaked at 360 MB (333 MB after load) against
-onnxruntime-genai's 280 MB (253 MB) for the same weights; the same graph fused ahead of time
-peaks at 281 MB (254 MB). So the ONNX-Runtime graphs of quantized variants are stored fused.
+SmolLM2's int8 ONNX-Runtime graph in a bare session: 360 MB peak (333 MB after load), against
+onnxruntime-genai's 280 MB (253 MB) for the same weights; the graph this module writes: 268 MB
+(241 MB). So the ONNX-Runtime graphs of quantized variants are stored fused.
 The standard graphs (TensorRT's) keep the portable Q/DQ form.
 
 The fused node computes what ONNX Runtime's own fusion computes (same kernel, same
