@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llama_export.calibration.collect import TensorStats
 from llama_export.calibration.quant import (
     activation_amax,
     dequantize_blocked,
@@ -231,3 +232,27 @@ def test_ort_session_past_2gb_keeps_the_callers_weights(monkeypatch: pytest.Monk
     t = model.graph.initializer[0]
     assert t.data_location == onnx.TensorProto.DEFAULT
     np.testing.assert_array_equal(numpy_helper.to_array(t), w)
+
+
+def test_tensor_stats_sample_is_bounded_uniform_and_exact() -> None:
+    """Calibration memory does not grow with the data: the row sample stays at ``max_rows``
+    rows while statistics over every row stay exact, and the sample is uniform over the
+    stream (a sample kept from the first chunks only, or the last, fails)."""
+    rng = np.random.default_rng(1)
+    st = TensorStats(max_rows=256)
+    chunks = [rng.standard_normal((1, 64, 8)).astype(np.float32) for _ in range(100)]
+    for i, c in enumerate(chunks):
+        c[..., 0] = i  # column 0 tells which chunk a row came from
+        st.update(c, keep_rows=True)
+        assert st.rows is not None and len(st.rows) <= 256
+    st.finish()
+    allrows = np.concatenate([c.reshape(-1, 8) for c in chunks])
+    assert st.amax == float(np.abs(allrows).max())
+    np.testing.assert_array_equal(st.channel_amax, np.abs(allrows).max(axis=0))
+    assert st.rows is not None and st.rows.shape == (256, 8)
+    origin = st.rows[:, 0]
+    assert (np.diff(origin) >= 0).all()  # stream order kept
+    # every sampled row is a row of the input, unchanged
+    assert {r.tobytes() for r in st.rows} <= {r.tobytes() for r in allrows}
+    # uniform over 100 chunks: mean chunk index 49.5 (sd of the mean ~1.8), both halves sampled
+    assert abs(origin.mean() - 49.5) < 8 and (origin < 20).sum() > 25 and (origin >= 80).sum() > 25
