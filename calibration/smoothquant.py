@@ -33,15 +33,19 @@ Slot = tuple[str, int]  # (node name, input index): where an edited constant is 
 class Tensors:
     """Edited copies of the constants consumed at given node inputs; originals untouched."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, source: GraphIndex | None = None,
+                 lent: frozenset[str] = frozenset()) -> None:
         self.idx = GraphIndex(model)
         self.edits: dict[Slot, np.ndarray] = {}
+        self.source, self.lent = source, lent  # initializers held (with data) only by source
 
     def get(self, slot: Slot) -> np.ndarray:
         if slot in self.edits:
             return self.edits[slot]
         name = self.idx.const_name(self.idx.nodes[slot[0]].input[slot[1]])
         assert name is not None, slot  # slots come from graph.py, which checked constness
+        if name in self.lent and self.source is not None:
+            return self.source.array(name)
         return self.idx.array(name)
 
     def set(self, slot: Slot, value: np.ndarray) -> None:
@@ -49,13 +53,14 @@ class Tensors:
 
     def apply(self, model: onnx.ModelProto, suffix: str = ".smoothed") -> None:
         """Write every edit as a fresh initializer wired to its slot only (shared ones stay)."""
-        for (node_name, i), arr in self.edits.items():
+        for slot in list(self.edits):
+            (node_name, i), arr = slot, self.edits.pop(slot)  # freed as soon as it is written
             node = self.idx.nodes[node_name]
             base = self.idx.const_name(node.input[i]) or node.input[i]
             name = fresh_name(model, base + suffix)
             set_initializer(model, name, arr)
             node.input[i] = name
-        self.edits.clear()
+            del arr
 
 
 @dataclass
@@ -99,18 +104,23 @@ def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: fl
 
 def plan_smoothing(model: onnx.ModelProto, groups: list[Group], stats: dict[str, TensorStats],
                    *, method: Method, alpha: float | str | None,
-                   percentile: float = 99.99) -> tuple[list[GroupPlan], Tensors]:
+                   percentile: float = 99.99,
+                   release_rows: bool = False) -> tuple[list[GroupPlan], Tensors]:
     """Choose alpha per group, fold the factors into ``Tensors`` edits; return the plans.
 
     ``alpha``: a float in [0, 1], "auto" (search :data:`AUTO_ALPHAS` and no smoothing), or None.
     Groups whose input comes from a producer projection (down_proj) go first: their fold edits
-    ``up_proj``'s weight, which the gate/up group then reads.
+    ``up_proj``'s weight, which the gate/up group then reads. ``release_rows``: drop each
+    group's row sample once planned (the edits grow while the samples shrink; Qwen2.5-1.5B's
+    samples are 3.1 GB).
     """
     t = Tensors(model)
     order = sorted(groups, key=lambda g: 0 if g.fold and g.fold.kind == "matmul" else 1)
     plans: dict[str, GroupPlan] = {}
     for n, g in enumerate(order):
         plans[g.input] = _plan_group(t, g, stats[g.input], method, alpha, percentile)
+        if release_rows:
+            stats[g.input].rows = None
         if (n + 1) % 20 == 0:
             print(f"[calibrate] smoothing: {n + 1}/{len(order)} groups", file=sys.stderr,
                   flush=True)
