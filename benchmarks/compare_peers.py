@@ -8,8 +8,10 @@ Same model weights, same prompt token ids, greedy, batch 1. Engines are measured
 (round r runs every engine once) and reported as medians over the measured rounds after one
 warm-up round: this machine is shared and noisy (±25% between runs), so only same-run ratios
 mean anything. Each engine runs in its own worker process, so the peak RSS printed beside its
-tok/s is its own (load included). onnxruntime-genai models come from its own model builder run
-on a Hugging Face folder written from our source (a fresh model holding the source's weights).
+tok/s is its own (load included), each holding its tokenizer as an application does (ours
+loads it with the bundle, genai's ``og.Tokenizer`` is created beside the model).
+onnxruntime-genai models come from its own model builder run on a Hugging Face folder written
+from our source (a fresh model holding the source's weights).
 ``--model`` picks the built-in SmolLM2 or a Qwen2.5-Coder GGUF from benchmarks/models.py; the
 bundle (exported, verified, when missing) and the peers' folders live beside that model's cache.
 
@@ -101,8 +103,12 @@ def genai_runner(model_dir: str, prompt: list[int], gen_len: int) -> Callable[[]
     import onnxruntime_genai as og
 
     model = og.Model(model_dir)
+    # Ours loads its tokenizer with the bundle; genai's is a separate object an application
+    # always creates too: loaded here so both peak RSS figures hold a tokenizer (~20-30 MB).
+    tokenizer = og.Tokenizer(model)
 
     def run() -> Timing:
+        assert tokenizer is not None
         params = og.GeneratorParams(model)
         total = len(prompt) + gen_len
         params.set_search_options(do_sample=False, max_length=total, min_length=total)

@@ -11,6 +11,13 @@ The standard graphs (TensorRT's) keep the portable Q/DQ form.
 The fused node computes what ONNX Runtime's own fusion computes (same kernel, same
 ``accuracy_level``, checked bitwise in the tests), so the accuracy gate measured on the Q/DQ
 form holds for the stored graph.
+
+A large weight is stored as several MatMulNBits over column slices + one Concat. ONNX Runtime
+prepacks each weight at load, holding the stored and the packed copy of that one tensor at
+once, so the session's load peak sits one largest tensor above its resident size. Measured on
+SmolLM2's int4 ONNX-Runtime graph (bare session): one 28 MB lm_head, peak 232 MB (206 MB
+after load); in 4 slices of 7 MB, 210 MB (204 MB). A 1.5B model's 8-bit lm_head is 233 MB.
+Each output column is the same dot product either way: the split is exact (tested).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ MS_DOMAIN = "com.microsoft"
 # `session.qdq_matmulnbits_accuracy_level` says otherwise: int8 activations inside the kernel.
 DEFAULT_ACCURACY_LEVEL = 4
 _BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4}
+# Largest packed weight one MatMulNBits holds; larger ones are split by columns (docstring).
+MAX_PACKED_BYTES = 8 << 20
+_SLICE_ALIGN = 16  # column slices start on multiples of 16 (the kernels' column tiles)
 
 
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int,
@@ -62,15 +72,28 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     return cols, scales, zps
 
 
-def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-                      ) -> tuple[onnx.ModelProto, int]:
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def column_slices(n: int, nbytes: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` column ranges splitting a packed weight of ``nbytes`` over ``n``
+    columns into parts of at most ~``max_bytes`` (one part when it already fits)."""
+    parts = max(1, _ceil_div(nbytes, max_bytes))
+    width = _ceil_div(_ceil_div(n, parts), _SLICE_ALIGN) * _SLICE_ALIGN
+    return [(a, min(a + width, n)) for a in range(0, n, width)]
+
+
+def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                      max_bytes: int = MAX_PACKED_BYTES) -> tuple[onnx.ModelProto, int]:
     """Replace every ``MatMul(X, DequantizeLinear(W, scale[, zp]))`` with constant, 2-D,
-    blocked (``axis=0``) int8/int4/uint4 weights by one ``MatMulNBits`` (in place; returns the
-    model and the count). Anything else is left as it is."""
+    blocked (``axis=0``) int8/int4/uint4 weights by ``MatMulNBits`` (in place; returns the
+    model and the count of fused MatMuls): one node, or one per column slice + ``Concat`` when
+    the packed weight exceeds ``max_bytes``. Anything else is left as it is."""
     idx = GraphIndex(model)
     position = {o: i for i, nd in enumerate(model.graph.node) for o in nd.output}
     dead: set[int] = set()  # positions of the fused DequantizeLinear nodes
-    fused: dict[int, onnx.NodeProto] = {}
+    fused: dict[int, list[onnx.NodeProto]] = {}
     for pos, mm in enumerate(model.graph.node):
         if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
             continue
@@ -92,24 +115,14 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
         scale = idx.array(idx.const_name(dq.input[1]) or "")
         zp = idx.array(idx.const_name(dq.input[2]) or "").astype(np.uint8) \
             if len(dq.input) > 2 and dq.input[2] else None
-        blob, scales, zps = pack_nbits(q, scale, zp, bits, block)
-        base = dq.input[0].removesuffix(".quant")
-        names = [fresh_name(model, base + s) for s in (".nbits", ".nbits_scales", ".nbits_zp")]
-        set_initializer(model, names[0], blob)
-        set_initializer(model, names[1], scales)
-        inputs = [mm.input[0], names[0], names[1]]
-        if zps is not None:
-            set_initializer(model, names[2], zps)
-            inputs.append(names[2])
-        k, n = q.shape
-        fused[pos] = helper.make_node(
-            "MatMulNBits", inputs, list(mm.output), name=(mm.name or mm.output[0]) + "_nbits",
-            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
-            accuracy_level=accuracy_level)
+        fused[pos] = _nbits_nodes(model, mm, dq.input[0].removesuffix(".quant"),
+                                  pack_nbits(q, scale, zp, bits, block), q.shape, bits, block,
+                                  accuracy_level, max_bytes)
         dead.add(position[dq.output[0]])
     if not fused:
         return model, 0
-    nodes = [fused.get(i, nd) for i, nd in enumerate(model.graph.node) if i not in dead]
+    nodes = [x for i, nd in enumerate(model.graph.node) if i not in dead
+             for x in fused.get(i, [nd])]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for nd in model.graph.node for i in nd.input}
@@ -119,3 +132,36 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, len(fused)
+
+
+def _nbits_nodes(model: onnx.ModelProto, mm: onnx.NodeProto, base: str,
+                 packed: tuple[np.ndarray, np.ndarray, np.ndarray | None], shape: tuple[int, ...],
+                 bits: int, block: int, accuracy_level: int,
+                 max_bytes: int) -> list[onnx.NodeProto]:
+    """The MatMulNBits node(s) replacing ``mm`` (+ their initializers, added to ``model``)."""
+    blob, scales, zps = packed
+    k, n = shape
+    slices = column_slices(n, blob.nbytes, max_bytes)
+    scales2 = scales.reshape(n, -1)
+    zps2 = None if zps is None else zps.reshape(n, -1)
+    name = (mm.name or mm.output[0]) + "_nbits"
+    nodes: list[onnx.NodeProto] = []
+    for i, (a, b) in enumerate(slices):
+        part = "" if len(slices) == 1 else f".cols{a}_{b}"
+        names = [fresh_name(model, base + part + s)
+                 for s in (".nbits", ".nbits_scales", ".nbits_zp")]
+        set_initializer(model, names[0], np.ascontiguousarray(blob[a:b]))
+        set_initializer(model, names[1], np.ascontiguousarray(scales2[a:b]).reshape(-1))
+        inputs = [mm.input[0], names[0], names[1]]
+        if zps2 is not None:
+            set_initializer(model, names[2], np.ascontiguousarray(zps2[a:b]).reshape(-1))
+            inputs.append(names[2])
+        out = list(mm.output) if len(slices) == 1 else [fresh_name(model, mm.output[0] + part)]
+        nodes.append(helper.make_node(
+            "MatMulNBits", inputs, out, name=name + (f"_{i}" if part else ""),
+            domain=MS_DOMAIN, K=k, N=b - a, bits=bits, block_size=block,
+            accuracy_level=accuracy_level))
+    if len(slices) > 1:
+        nodes.append(helper.make_node("Concat", [nd.output[0] for nd in nodes], list(mm.output),
+                                      name=name + "_concat", axis=-1))
+    return nodes

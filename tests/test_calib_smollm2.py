@@ -81,3 +81,25 @@ def test_int4_block32_within_8_percent(bundle: Path) -> None:
     _per_genre("int4 ort graph", ort_acc)
     assert acc["ppl_ratio"] <= 1.08 and ort_acc["ppl_ratio"] <= 1.08
     assert acc["ppl_ratio"] <= 1.02 and ort_acc["ppl_ratio"] <= 1.02
+
+
+def test_quantized_ort_graph_holds_no_weight_above_the_slice_size(bundle: Path) -> None:
+    """SmolLM2's 8-bit lm_head (49152 x 576, 28 MB packed) is stored as column slices of at
+    most MAX_PACKED_BYTES + one Concat giving ``logits`` (calibration/nbits.py: ONNX Runtime's
+    load peak is one largest weight above its resident size)."""
+    import numpy as np
+    import onnx
+
+    from llama_export.calibration.nbits import MAX_PACKED_BYTES
+    from llama_export.runtime.manifest import Manifest
+
+    entry = Manifest.load(bundle).variant("int4")["ort_graph"]  # made by the test above
+    model = onnx.load(str(bundle / entry["file"]), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    sizes = [int(np.prod(dims[n.input[1]])) for n in nbits]
+    assert max(sizes) <= MAX_PACKED_BYTES
+    concat = next(n for n in model.graph.node if "logits" in n.output)
+    assert concat.op_type == "Concat" and len(concat.input) == 4
+    heads = [n for n in nbits if n.output[0] in concat.input]
+    assert sum(next(a.i for a in n.attribute if a.name == "N") for n in heads) == 49152

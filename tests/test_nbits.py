@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llama_export.calibration.nbits import fuse_matmul_nbits
+from llama_export.calibration.nbits import column_slices, fuse_matmul_nbits
 from llama_export.calibration.qdq import pack_int4
 
 
@@ -85,3 +85,35 @@ def test_other_patterns_are_left_alone() -> None:
     model = _dq_matmul(q, np.ones((2, 8), np.float32), None, TensorProto.INT8, 32)
     model.graph.node[0].attribute[0].i = 1  # axis 1: not the blocked-weight form
     assert fuse_matmul_nbits(model)[1] == 0
+
+
+@pytest.mark.parametrize("case", ["int8", "int4", "uint4-zp", "uint4-zp-odd-blocks"])
+def test_large_weights_split_by_columns_exactly(case: str) -> None:
+    """A packed weight above ``max_bytes`` becomes column slices + Concat (a smaller load peak,
+    calibration/nbits.py) computing bit for bit what one node computes, at both accuracy
+    levels; slices start on multiples of 16 and cover every column once."""
+    kind, k, _, block, with_zp = CASES[case]
+    n = 72  # slices of 16: 16+16+16+16+8
+    rng = np.random.default_rng(1)
+    nb = -(-k // block)
+    lo, hi = {TensorProto.INT8: (-128, 128), TensorProto.INT4: (-8, 8)}.get(kind, (0, 16))
+    q = rng.integers(lo, hi, size=(k, n)).astype(np.int8 if lo < 0 else np.uint8)
+    scale = rng.uniform(-0.05, 0.05, size=(nb, n)).astype(np.float32)
+    zp = rng.integers(0, 16, size=(nb, n)).astype(np.uint8) if with_zp else None
+    model = _dq_matmul(q, scale, zp, kind, block)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for level in (0, 4):
+        whole, _ = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()),
+                                     accuracy_level=level)
+        split, count = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()),
+                                         accuracy_level=level, max_bytes=1)
+        ops = [nd.op_type for nd in split.graph.node]
+        assert count == 1 and ops == ["MatMulNBits"] * 5 + ["Concat"]
+        widths = [next(a.i for a in nd.attribute if a.name == "N")
+                  for nd in split.graph.node[:-1]]
+        assert widths == [16, 16, 16, 16, 8]
+        np.testing.assert_array_equal(_run(split, x, optimize=True),
+                                      _run(whole, x, optimize=True))
+    assert column_slices(49152, 28 << 20, 8 << 20) == [(0, 12288), (12288, 24576),
+                                                      (24576, 36864), (36864, 49152)]
+    assert column_slices(100, 10, 1 << 20) == [(0, 100)]
