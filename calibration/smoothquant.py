@@ -94,8 +94,17 @@ def fold_slots(idx: GraphIndex, group: Group) -> tuple[Slot, Slot | None]:
     return (f.node, 1), bias
 
 
-def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
-    w_cmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+def weight_channel_amax(weights: list[np.ndarray]) -> np.ndarray:
+    """max |W| per input channel (row K) over the group's weights."""
+    out: np.ndarray = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    return out
+
+
+def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: float,
+                      w_cmax: np.ndarray | None = None) -> np.ndarray:
+    """``w_cmax``: :func:`weight_channel_amax` of ``weights`` when already known."""
+    if w_cmax is None:
+        w_cmax = weight_channel_amax(weights)
     s = np.power(np.maximum(act_cmax, _TINY), alpha) / np.power(np.maximum(w_cmax, _TINY),
                                                                  1 - alpha)
     out: np.ndarray = np.clip(s, _TINY, None).astype(np.float32)
@@ -140,9 +149,10 @@ def _plan_group(t: Tensors, g: Group, st: TensorStats, method: Method,
     else:
         cands = (float(alpha),)
     best: tuple[float, float, float | None] = (np.inf, np.inf, None)
+    w_cmax = weight_channel_amax(ws)  # the same for every candidate
     for a in cands:
         s = np.ones_like(st.channel_amax) if a is None else smoothing_factors(
-            st.channel_amax, ws, a)
+            st.channel_amax, ws, a, w_cmax)
         xs = sub / s
         rel, ab = matmul_error(xs, [w * s[:, None] for w in ws],
                                activation_amax(xs, method, percentile))
@@ -151,7 +161,7 @@ def _plan_group(t: Tensors, g: Group, st: TensorStats, method: Method,
     err, abs_err, a = best
     if a is None:
         return GroupPlan(g, None, activation_amax(st.rows, method, percentile), err, abs_err)
-    s = smoothing_factors(st.channel_amax, ws, a)
+    s = smoothing_factors(st.channel_amax, ws, a, w_cmax)
     for p, w in zip(g.projections, ws, strict=True):
         t.set(weight_slot(p.node), w * s[:, None])
     fold, bias = fold_slots(t.idx, g)
