@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -271,3 +272,30 @@ def ort_session(model: onnx.ModelProto | Path, threads: int = 0) -> Iterator[obj
         path = Path(d) / "model.onnx"
         save_model(model, path)  # leaves `model` as it was: callers keep using it
         yield ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+
+def lean_copy(model: onnx.ModelProto, without: frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``without`` carry no data (name, type
+    and shape only): placeholders for weights about to be replaced, never serialized."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    for t in model.graph.initializer:
+        if t.name in without:
+            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    return out
+
+
+def _copy_fields(src: Any, dst: Any, skip: set[str]) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        field_ = getattr(dst, fd.name)
+        if hasattr(field_, "extend"):
+            field_.extend(value)
+        elif hasattr(field_, "CopyFrom"):
+            field_.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)

@@ -32,7 +32,7 @@ from .bundle_io import (
 )
 from .collect import collect_stats
 from .data import HELDOUT_GENRES, TextSource, builtin_text, load_text, token_segments
-from .graph import GraphIndex, find_groups, find_projections
+from .graph import GraphIndex, find_groups, find_projections, lean_copy
 from .qdq import insert_w8a8, prune_initializers
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
@@ -199,7 +199,7 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     if fp32_ort is None:
         return None
     model, _ = quantize_weight_only(fp32_ort, bits=8, block=EXCLUDED_BLOCK,
-                                    include_lm_head=True)
+                                    include_lm_head=True, in_place=True)
     acc = ev.score(model)
     log(f"ort graph: {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts)
@@ -274,41 +274,14 @@ def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
                                     for j, x in enumerate(c.input) if x == name))
     model = lean_copy(fp32, lent)
     if block:
-        model = upgrade_opset(model)
+        model = upgrade_opset(model, in_place=True)
     own = Tensors(model, source=src, lent=lent)
     own.edits = dict(tensors.edits)
     insert_w8a8(model, plans, own, exclude, excluded_block=block)
     left = [t.name for t in model.graph.initializer if t.name in lent]
     if left:
         raise AssertionError(f"W8A8 graph still reads float weights it was built without: {left}")
-    return quantize_lm_head(model, EXCLUDED_BLOCK) if lm_head == "int8" else model
-
-
-def lean_copy(model: onnx.ModelProto, without: frozenset[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``without`` carry no data (name, type
-    and shape only): placeholders for weights about to be replaced, never serialized."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip={"graph"})
-    _copy_fields(model.graph, out.graph, skip={"initializer"})
-    for t in model.graph.initializer:
-        if t.name in without:
-            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        else:
-            out.graph.initializer.add().CopyFrom(t)
-    return out
-
-
-def _copy_fields(src: Any, dst: Any, skip: set[str]) -> None:
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        field_ = getattr(dst, fd.name)
-        if hasattr(field_, "extend"):
-            field_.extend(value)
-        elif hasattr(field_, "CopyFrom"):
-            field_.CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+    return quantize_lm_head(model, EXCLUDED_BLOCK, in_place=True) if lm_head == "int8" else model
 
 
 def measure_clipping(plans: list[GroupPlan], val_stats: dict[str, Any]) -> None:
@@ -444,7 +417,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     eight = _eight_bit(opts, labels, manifest)
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
                                        include_lm_head=opts.lm_head, int8_labels=eight,
-                                       fmt=opts.fmt)
+                                       fmt=opts.fmt, in_place=True)
     name = "int4" if opts.bits == 4 else "int8wo"
     acc = gate_variant(name, ev, model, opts)
     ort_model, ort_acc, ort_eight = None, None, []
@@ -454,7 +427,8 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
         ort_eight = packed_labels([p.label for p in find_projections(fp32_ort)], eight)
         ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
                                             include_lm_head=opts.lm_head, int8_labels=ort_eight,
-                                            fmt=opts.fmt, negative_scales=True)
+                                            fmt=opts.fmt, negative_scales=True,
+                                            in_place=True)
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))

@@ -452,7 +452,8 @@ def test_calibrate_never_copies_the_whole_model(tiny_bundle: Path, tmp_path: Pat
     holding fp32 + SmoothQuant edits + a deep copy per candidate), and the int8 graph is the
     one a deep copy gave (same weights, Q/DQ and scales: checked through its logits)."""
     from llama_export.calibration import pipeline
-    from llama_export.calibration.pipeline import build_int8, lean_copy
+    from llama_export.calibration.graph import lean_copy
+    from llama_export.calibration.pipeline import build_int8
     from llama_export.calibration.smoothquant import Tensors
 
     real = copy.deepcopy
