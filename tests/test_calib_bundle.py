@@ -489,3 +489,28 @@ def test_calibrate_never_copies_the_whole_model(tiny_bundle: Path, tmp_path: Pat
                                                        .graph.initializer}  # fp32 untouched
     holes = lean_copy(fp32, frozenset({fp32.graph.initializer[0].name}))
     assert not holes.graph.initializer[0].raw_data and holes.graph.node == fp32.graph.node
+
+
+def test_upgrade_opset_in_place_keeps_the_weights_where_they_are(tiny_bundle: Path) -> None:
+    """In place, the converted graph replaces the model's and its weights are not copied (the
+    model returned is the one given); otherwise the model given stays intact. Both compute the
+    fp32 logits."""
+    from llama_export.calibration.weight_only import BLOCK_OPSET, upgrade_opset
+
+    fp32 = _load(tiny_bundle, "fp32")
+    before = fp32.SerializeToString()
+    copied = upgrade_opset(fp32)
+    assert fp32.SerializeToString() == before and copied is not fp32
+    target = _load(tiny_bundle, "fp32")
+    moved = upgrade_opset(target, in_place=True)
+    assert moved is target
+    for m in (copied, moved):
+        assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == \
+            BLOCK_OPSET
+        assert all(len(t.raw_data) or t.float_data or t.int64_data or t.int32_data
+                   for t in m.graph.initializer)
+    feed = _feed(Manifest.load(tiny_bundle), 9)
+    want, a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                  .run(None, feed)[0] for m in (fp32, copied, moved))
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(b, want)
