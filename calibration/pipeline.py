@@ -174,6 +174,7 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry = int8_entry(manifest, model, plans, excluded, acc, opts, text, held_src, len(segments))
     ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry)
+    del ev
     cache = format_cache({t: stats[t].amax for t in amax_tensors if stats[t].amax > 0},
                          opts.trt_version)
     write_variant(bundle, manifest, "int8", model, entry, {CACHE_FILE: cache},
@@ -430,6 +431,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                                             fmt=opts.fmt, negative_scales=True,
                                             in_place=True)
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
+    del ev, fp32_ort  # the reference logits (1.9 GB for Qwen2.5's vocabulary) before writing
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))
     entry["quantization"] = {
