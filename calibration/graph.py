@@ -72,8 +72,9 @@ class Group:
 class GraphIndex:
     """Producer/consumer maps and constant lookup (through ``Identity`` nodes) for one graph."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None) -> None:
         self.model = model
+        self.base_dir = base_dir  # where external data is read from (never into the proto)
         g = model.graph
         self.inits = {t.name: t for t in g.initializer}
         self.nodes = {n.name: n for n in g.node}
@@ -94,7 +95,10 @@ class GraphIndex:
         return name
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+        t = self.inits[name]
+        if t.data_location == onnx.TensorProto.EXTERNAL and self.base_dir is not None:
+            return read_external(t, self.base_dir)
+        return numpy_helper.to_array(t)
 
     def is_float_const(self, name: str, ndim: int) -> bool:
         c = self.const_name(name)
@@ -299,3 +303,15 @@ def _copy_fields(src: Any, dst: Any, skip: set[str]) -> None:
             field_.CopyFrom(value)
         else:
             setattr(dst, fd.name, value)
+
+
+def read_external(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """An external-data tensor's values read from its file, the tensor left as it is (onnx's
+    own loader writes the bytes into the proto, where protobuf keeps them until the whole
+    model is freed, deleted or not)."""
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    count = int(info["length"]) // dtype.itemsize if "length" in info else -1
+    a = np.fromfile(base_dir / info["location"], dtype=dtype, count=count,
+                    offset=int(info.get("offset", 0)))
+    return a.reshape(tuple(t.dims))

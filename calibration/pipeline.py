@@ -196,11 +196,11 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
     onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
     Gated like the standard graph; records its ``entry["ort_graph"]``."""
-    fp32_ort = load_ort_graph(bundle, manifest)
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is None:
         return None
     model, _ = quantize_weight_only(fp32_ort, bits=8, block=EXCLUDED_BLOCK,
-                                    include_lm_head=True, in_place=True)
+                                    include_lm_head=True, in_place=True, base_dir=bundle)
     acc = ev.score(model)
     log(f"ort graph: {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts)
@@ -413,23 +413,23 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     # Reference logits from the bundle's own file first, the graph loaded after: a 1.5B model's
     # 7 GB of fp32 weights are never in memory twice (once in ONNX Runtime, once in the proto).
     ev = Evaluator(manifest, held).start(fp32_file)
-    fp32 = onnx.load(str(fp32_file), load_external_data=True)
+    fp32 = onnx.load(str(fp32_file), load_external_data=False)  # weights read one at a time
     labels = [p.label for p in find_projections(fp32)]
     eight = _eight_bit(opts, labels, manifest)
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
                                        include_lm_head=opts.lm_head, int8_labels=eight,
-                                       fmt=opts.fmt, in_place=True)
+                                       fmt=opts.fmt, in_place=True, base_dir=fp32_file.parent)
     name = "int4" if opts.bits == 4 else "int8wo"
     acc = gate_variant(name, ev, model, opts)
     ort_model, ort_acc, ort_eight = None, None, []
-    fp32_ort = load_ort_graph(bundle, manifest)
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is not None:
         # Same rules on the ONNX-Runtime graph; its packed q|k|v takes 8 bits if any part does.
         ort_eight = packed_labels([p.label for p in find_projections(fp32_ort)], eight)
         ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
                                             include_lm_head=opts.lm_head, int8_labels=ort_eight,
                                             fmt=opts.fmt, negative_scales=True,
-                                            in_place=True)
+                                            in_place=True, base_dir=bundle)
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
     del ev, fp32_ort  # the reference logits (1.9 GB for Qwen2.5's vocabulary) before writing
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,

@@ -24,10 +24,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Container, Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, version_converter
+from onnx.external_data_helper import load_external_data_for_model
 
 from .graph import (
     GraphIndex,
@@ -180,7 +182,8 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
                          include_lm_head: bool = False, int8_labels: Container[str] = (),
                          fmt: str = "offset", negative_scales: bool = False,
                          only: Container[str] | None = None,
-                         in_place: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+                         in_place: bool = False,
+                         base_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Return the rewritten model (opset 21) and the labels of the quantized projections.
 
     ``int8_labels``: projections given 8-bit blocks in a 4-bit variant (see
@@ -189,11 +192,14 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
     rule (:func:`quantize_blocked_symmetric`), for graphs TensorRT never reads. ``only``: the
     labels to quantize (default: every projection). ``in_place``: ``model`` itself is rewritten
     (its float weights are dropped as replaced: no copy of them is ever made); otherwise it is
-    left intact.
+    left intact. ``base_dir``: ``model`` was loaded without its external data, which is read
+    from there one weight at a time; the weights left in float are loaded at the end. A 1.5B
+    model's 7 GB of fp32 weights are then never in memory (protobuf frees none of a loaded
+    model's bytes until the whole model goes, pruned or not).
     """
     assert fmt in FORMATS, fmt
     model = upgrade_opset(model, in_place=in_place)
-    idx = GraphIndex(model)
+    idx = GraphIndex(model, base_dir)
     ins = NodeInserter(model)
     done: list[str] = []
     projs = find_projections(model)
@@ -225,6 +231,8 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
             print(f"[quantize] {n + 1}/{len(projs)} weights", file=sys.stderr, flush=True)
     ins.commit()
     prune_initializers(model)
+    if base_dir is not None:
+        load_external_data_for_model(model, str(base_dir))
     return model, done
 
 

@@ -514,3 +514,22 @@ def test_upgrade_opset_in_place_keeps_the_weights_where_they_are(tiny_bundle: Pa
                   .run(None, feed)[0] for m in (fp32, copied, moved))
     np.testing.assert_array_equal(a, want)
     np.testing.assert_array_equal(b, want)
+
+
+def test_weight_only_reads_external_weights_one_at_a_time(tiny_bundle: Path) -> None:
+    """A graph loaded without its external data quantizes in place to the same graph as a
+    fully loaded one: each weight read from the data file when quantized, the float ones
+    loaded at the end (protobuf never frees a loaded model's bytes before the whole model)."""
+    from llama_export.calibration.weight_only import quantize_weight_only
+
+    path = tiny_bundle / "model.onnx"
+    full, _ = quantize_weight_only(onnx.load(str(path)), bits=4)
+    src = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in src.graph.initializer)
+    lazy, _ = quantize_weight_only(src, bits=4, in_place=True, base_dir=tiny_bundle)
+    assert lazy is src
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    feed = _feed(Manifest.load(tiny_bundle), 9)
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, feed)[0] for m in (full, lazy))
+    np.testing.assert_array_equal(a, b)
