@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from llama_export.runtime.errors import CalibrationError, InputError
 from llama_export.runtime.manifest import Manifest
@@ -158,15 +159,17 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     ev = Evaluator(manifest, held, {g: refs[g] for g in held})
     val_ev = Evaluator(manifest, {VALIDATION: val}, {VALIDATION: refs.pop(VALIDATION)})
     del refs
-    fp32 = onnx.load(str(fp32_file), load_external_data=True)
+    # The graph without its weights: they are read from the data file when needed, so the
+    # proto holds only the smoothed ones (protobuf frees nothing of a model until it goes).
+    fp32 = onnx.load(str(fp32_file), load_external_data=False)
     plans, tensors = plan_smoothing(fp32, find_groups(fp32), stats, method=opts.method,
                                     alpha=opts.smoothquant, percentile=opts.percentile,
-                                    release_rows=True)
+                                    release_rows=True, base_dir=fp32_file.parent)
     measure_clipping(plans, val_stats)
     tensors.apply(fp32)  # fp32 becomes the smoothed graph (the same function)
     prune_initializers(fp32)
     del tensors
-    model, excluded = search_keep_float(fp32, plans, val_ev, opts)
+    model, excluded = search_keep_float(fp32, plans, val_ev, opts, fp32_file.parent)
     del fp32, val_ev  # before the ONNX-Runtime graph is loaded
     log("measuring accuracy on held-out text")
     acc = ev.score(model)
@@ -256,7 +259,7 @@ def matmul_tensors(model: onnx.ModelProto) -> list[str]:
 
 def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
                exclude: list[str], excluded_weights: str = "float",
-               lm_head: str = "float") -> onnx.ModelProto:
+               lm_head: str = "float", base_dir: Path | None = None) -> onnx.ModelProto:
     """The W8A8 graph; ``exclude``d projections keep float activations and, with
     ``excluded_weights="int8"``, int8 blocked weights (a quarter of their fp32 bytes; the
     graph moves to opset 21 for blocked DequantizeLinear) instead of float ones.
@@ -264,9 +267,11 @@ def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
     on SmolLM2; its GGUF source is Q8_0, which 8-bit blocks of 32 reproduce).
 
     ``fp32`` is left as it was. The new graph never copies the float weights it quantizes:
-    they are read from ``fp32`` one at a time (a deep copy first took the whole model twice)."""
+    they are read from ``fp32`` one at a time (a deep copy first took the whole model twice).
+    ``base_dir``: ``fp32``'s external data is read from there (the new graph's float weights
+    are loaded into it)."""
     block = EXCLUDED_BLOCK if excluded_weights == "int8" and exclude else None
-    src = GraphIndex(fp32)
+    src = GraphIndex(fp32, base_dir)
     skip = set(exclude)
     slots = {(p.node, 1) for g in plans for p in g.group.projections if p.label not in skip}
     lent = frozenset(
@@ -276,12 +281,14 @@ def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
     model = lean_copy(fp32, lent)
     if block:
         model = upgrade_opset(model, in_place=True)
-    own = Tensors(model, source=src, lent=lent)
+    own = Tensors(model, source=src, lent=lent, base_dir=base_dir)
     own.edits = dict(tensors.edits)
     insert_w8a8(model, plans, own, exclude, excluded_block=block)
     left = [t.name for t in model.graph.initializer if t.name in lent]
     if left:
         raise AssertionError(f"W8A8 graph still reads float weights it was built without: {left}")
+    if base_dir is not None:
+        load_external_data_for_model(model, str(base_dir))
     return quantize_lm_head(model, EXCLUDED_BLOCK, in_place=True) if lm_head == "int8" else model
 
 
@@ -305,11 +312,13 @@ def sensitivity_order(plans: list[GroupPlan]) -> list[GroupPlan]:
 
 
 def search_keep_float(fp32: onnx.ModelProto, plans: list[GroupPlan], val: Evaluator,
-                      opts: CalibrateOptions) -> tuple[onnx.ModelProto, list[str]]:
+                      opts: CalibrateOptions,
+                      base_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Keep the k groups with the largest W8A8 output error in float, k growing until the gate
     holds, with :func:`validation_gate`'s margin, on the validation text ``val`` (calibration
     text outside the range fit; never the held-out text: that would tune on the test).
-    ``fp32``: the smoothed fp32 graph (SmoothQuant's edits written in)."""
+    ``fp32``: the smoothed fp32 graph (SmoothQuant's edits written in; other weights external
+    in ``base_dir`` when given)."""
     ranked = sensitivity_order(plans)
     steps = [opts.keep_float] if opts.keep_float is not None else [
         k for k in KEEP_FLOAT_STEPS if k <= len(plans)]
@@ -318,7 +327,8 @@ def search_keep_float(fp32: onnx.ModelProto, plans: list[GroupPlan], val: Evalua
     for k in steps:
         exclude = [p.label for g in ranked[:k] for p in g.group.projections]
         model = fp32  # the previous candidate is freed before the next one is built
-        model = build_int8(fp32, plans, none, exclude, opts.excluded_weights, opts.lm_head)
+        model = build_int8(fp32, plans, none, exclude, opts.excluded_weights, opts.lm_head,
+                           base_dir)
         if len(steps) == 1:
             break
         acc = val.score(model)

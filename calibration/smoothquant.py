@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,8 +35,8 @@ class Tensors:
     """Edited copies of the constants consumed at given node inputs; originals untouched."""
 
     def __init__(self, model: onnx.ModelProto, source: GraphIndex | None = None,
-                 lent: frozenset[str] = frozenset()) -> None:
-        self.idx = GraphIndex(model)
+                 lent: frozenset[str] = frozenset(), base_dir: Path | None = None) -> None:
+        self.idx = GraphIndex(model, base_dir)  # base_dir: external data read from there
         self.edits: dict[Slot, np.ndarray] = {}
         self.source, self.lent = source, lent  # initializers held (with data) only by source
 
@@ -113,17 +114,17 @@ def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: fl
 
 def plan_smoothing(model: onnx.ModelProto, groups: list[Group], stats: dict[str, TensorStats],
                    *, method: Method, alpha: float | str | None,
-                   percentile: float = 99.99,
-                   release_rows: bool = False) -> tuple[list[GroupPlan], Tensors]:
+                   percentile: float = 99.99, release_rows: bool = False,
+                   base_dir: Path | None = None) -> tuple[list[GroupPlan], Tensors]:
     """Choose alpha per group, fold the factors into ``Tensors`` edits; return the plans.
 
     ``alpha``: a float in [0, 1], "auto" (search :data:`AUTO_ALPHAS` and no smoothing), or None.
     Groups whose input comes from a producer projection (down_proj) go first: their fold edits
     ``up_proj``'s weight, which the gate/up group then reads. ``release_rows``: drop each
     group's row sample once planned (the edits grow while the samples shrink; Qwen2.5-1.5B's
-    samples are 3.1 GB).
+    samples are 3.1 GB). ``base_dir``: ``model``'s external data is read from there.
     """
-    t = Tensors(model)
+    t = Tensors(model, base_dir=base_dir)
     order = sorted(groups, key=lambda g: 0 if g.fold and g.fold.kind == "matmul" else 1)
     plans: dict[str, GroupPlan] = {}
     for n, g in enumerate(order):
