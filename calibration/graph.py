@@ -223,35 +223,36 @@ def save_model(model: onnx.ModelProto, path: Path) -> str:
 
     Weights inside the protobuf cost twice their size in RAM at load (the protobuf bytes and the
     tensors ONNX Runtime builds from them: SmolLM2 int8, 266 MB of weights, took 532 MB).
-    External data at page-aligned offsets is read (or mapped) once. ``model`` is left as it
-    was (its weights are put back after the write).
+    External data at page-aligned offsets is read (or mapped) once. ``model`` is not touched:
+    the file is written from a copy whose large tensors carry only their external-data entries,
+    their bytes written from ``model`` one at a time. (Moving the bytes out and back held a
+    second copy of every weight during the write and left a third in ``model``, as protobuf
+    frees none of a message's bytes before the whole message: the 1.5B calibration ran out of
+    memory writing its variant.)
     """
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     data = path.name + ".data"
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(path.parent / data, "wb") as f:
-            for t in model.graph.initializer:
-                if t.data_location == onnx.TensorProto.EXTERNAL or \
-                        len(t.raw_data) < EXTERNAL_MIN_BYTES:
-                    continue
-                raw = t.raw_data
-                f.write(b"\0" * (-f.tell() % PAGE))
-                offset = f.tell()
-                f.write(raw)
-                moved.append((t, raw))
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data), ("offset", str(offset)),
-                                   ("length", str(len(raw)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-        onnx.save_model(model, str(path))
-    finally:
-        for t, raw in moved:
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
+    big = frozenset(t.name for t in model.graph.initializer
+                    if t.data_location != onnx.TensorProto.EXTERNAL and
+                    len(t.raw_data) >= EXTERNAL_MIN_BYTES)
+    out = lean_copy(model, big)
+    slots = {t.name: t for t in out.graph.initializer if t.name in big}
+    with open(path.parent / data, "wb") as f:
+        for t in model.graph.initializer:
+            if t.name not in big:
+                continue
+            raw = t.raw_data
+            f.write(b"\0" * (-f.tell() % PAGE))
+            offset = f.tell()
+            f.write(raw)
+            dst = slots[t.name]
+            dst.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data), ("offset", str(offset)),
+                               ("length", str(len(raw)))):
+                entry = dst.external_data.add()
+                entry.key, entry.value = key, value
+            del raw
+    onnx.save_model(out, str(path))
     return data
 
 
