@@ -7,10 +7,10 @@ the last ``N`` (``"tail:N"``; ``"last"`` is ``N`` = 1, slower): the same logits 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -20,6 +20,8 @@ from llama_export.runtime.manifest import Manifest
 
 from .data import empty_past, past_from_outputs, prefill_feed
 from .graph import ort_session
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,25 +110,45 @@ class Gate:
 
 def segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
                    segments: np.ndarray) -> list[np.ndarray]:
-    """Per-segment logits ``(seq, vocab)``: one prefill each, or chunks of the tail window."""
+    """Per-segment logits ``(seq, vocab)`` as float64: one prefill each, or chunks of the tail
+    window."""
+    return [np.asarray(x, dtype=np.float64) for x in iter_segment_logits(model, manifest, segments)]
+
+
+def iter_segment_logits(model: onnx.ModelProto | Path, manifest: Manifest,
+                        segments: np.ndarray) -> Iterator[np.ndarray]:
+    """:func:`segment_logits` one segment at a time, in the graph's own output dtype (float32:
+    half the bytes of float64, which :func:`compare` converts to per segment, so the figures
+    are the same). A 151,936-token vocabulary makes one 128-token segment 78 MB of float32
+    logits: 24 held-out segments held as float64, twice (reference and candidate), took 7.5 GB."""
+    yield from genre_logits(model, manifest, {"": segments}, lambda _, logits: logits)[""]
+
+
+def genre_logits(model: onnx.ModelProto | Path, manifest: Manifest, segments: dict[str, Any],
+                 consume: Callable[[str, Iterator[np.ndarray]], T]) -> dict[str, T]:
+    """``consume(genre, logits)`` for every genre's segments on one ONNX Runtime session (a
+    graph past 2 GB is written to a temp file once, not once per genre); ``logits`` yields
+    one segment's ``(seq, vocab)`` logits at a time, in the graph's output dtype."""
     window = logits_window(str(manifest.variant("fp32").get("logits", "all")))
     graph = (onnx.load(str(model), load_external_data=False) if isinstance(model, Path)
              else model).graph
     half = any(v.name.startswith("past_key_values.") and
                v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in graph.input)
     dtype = np.float16 if half else np.float32
-    with ort_session(model) as sess:
-        present = [o.name for o in sess.get_outputs()][1:]  # type: ignore[attr-defined]
-        out = []
-        for seg in segments:
+
+    def run(sess: Any, segs: np.ndarray) -> Iterator[np.ndarray]:
+        present = [o.name for o in sess.get_outputs()][1:]
+        for seg in segs:
             chunk, parts = window or len(seg), []
             past = {k: v.astype(dtype) for k, v in empty_past(manifest).items()}
             for start in range(0, len(seg), chunk):
-                outs = sess.run(None, prefill_feed(seg[start:start + chunk], past))  # type: ignore[attr-defined]
+                outs = sess.run(None, prefill_feed(seg[start:start + chunk], past))
                 parts.append(outs[0][0])
                 past = past_from_outputs(present, outs[1:])
-            out.append(np.asarray(np.concatenate(parts), dtype=np.float64))
-    return out
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    with ort_session(model) as sess:
+        return {g: consume(g, run(sess, s)) for g, s in segments.items()}
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -135,11 +157,16 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def compare(ref: list[np.ndarray], got: list[np.ndarray], segments: np.ndarray) -> Accuracy:
+def compare(ref: Iterable[np.ndarray], got: Iterable[np.ndarray],
+            segments: np.ndarray) -> Accuracy:
+    """Figures of ``got`` against ``ref`` (per-segment logits, any float dtype: computed in
+    float64); ``got`` may be an iterator, consumed one segment at a time."""
     nll_ref = nll_got = kl = agree = 0.0
     n = 0
     for r, g, seg in zip(ref, got, segments, strict=True):
-        lr, lg = _log_softmax(r[:-1]), _log_softmax(g[:-1])
+        lr = _log_softmax(np.asarray(r[:-1], dtype=np.float64))
+        lg = _log_softmax(np.asarray(g[:-1], dtype=np.float64))
+        del g
         tgt = seg[1:]
         rows = np.arange(len(tgt))
         nll_ref -= float(lr[rows, tgt].sum())

@@ -41,12 +41,14 @@ def load_fp32(bundle: Path) -> tuple[Manifest, onnx.ModelProto]:
     return manifest, onnx.load(str(path), load_external_data=True)
 
 
-def load_ort_graph(bundle: Path, manifest: Manifest) -> onnx.ModelProto | None:
-    """The fp32 variant's ONNX-Runtime graph (files checked by :func:`load_fp32`), or None."""
+def load_ort_graph(bundle: Path, manifest: Manifest,
+                   external: bool = True) -> onnx.ModelProto | None:
+    """The fp32 variant's ONNX-Runtime graph (files checked by :func:`load_fp32`), or None.
+    ``external=False``: the graph without its external data (read from ``bundle``)."""
     if "ort" not in manifest.graphs(SOURCE_VARIANT):
         return None
     path = bundle / manifest.graph(SOURCE_VARIANT, "ort")["file"]
-    return onnx.load(str(path), load_external_data=True)
+    return onnx.load(str(path), load_external_data=external)
 
 
 def ort_graph_entry(manifest: Manifest, file: str) -> dict[str, Any]:

@@ -9,9 +9,12 @@ tensors (legacy TensorRT cache) only the absolute maximum.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -77,39 +80,68 @@ def run_segment(seg: np.ndarray, manifest: Manifest, decode_steps: int,
         past = step(prefill_feed(seg[t:t + 1], past))
 
 
-def collect_stats(model: onnx.ModelProto, manifest: Manifest, segments: np.ndarray, *,
+def collect_stats(model: onnx.ModelProto | Path, manifest: Manifest, segments: np.ndarray, *,
                   row_tensors: Iterable[str], amax_tensors: Iterable[str] = (),
                   decode_steps: int = 8, max_rows: int = 2048) -> dict[str, TensorStats]:
-    """Statistics of ``row_tensors`` (per-channel + rows) and ``amax_tensors`` (amax only)."""
+    """Statistics of ``row_tensors`` (per-channel + rows) and ``amax_tensors`` (amax only).
+
+    ``model``: an in-memory graph, or a model file with external data (a bundle's fp32 graph):
+    then only its graph is loaded, the extra outputs added, and a temp copy of that graph
+    beside the file runs on the file's own weights (no proto of the weights in memory, no
+    temp copy of them: Qwen2.5-1.5B's are 7 GB)."""
+    row_tensors, amax_tensors = list(row_tensors), list(amax_tensors)
+    if isinstance(model, Path):
+        graph = onnx.load(str(model), load_external_data=False)
+        fd, tmp = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=model.parent)
+        os.close(fd)
+        try:
+            _with_outputs(graph, [*row_tensors, *amax_tensors])
+            Path(tmp).write_bytes(graph.SerializeToString())
+            return _collect(Path(tmp), manifest, segments, row_tensors=row_tensors,
+                            amax_tensors=amax_tensors, decode_steps=decode_steps,
+                            max_rows=max_rows)
+        finally:
+            os.unlink(tmp)
+    have = len(model.graph.output)
+    _with_outputs(model, [*row_tensors, *amax_tensors])
+    try:
+        return _collect(model, manifest, segments, row_tensors=row_tensors,
+                        amax_tensors=amax_tensors, decode_steps=decode_steps, max_rows=max_rows)
+    finally:
+        del model.graph.output[have:]
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> None:
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in dict.fromkeys(tensors) if t not in have)
+
+
+def _collect(model: onnx.ModelProto | Path, manifest: Manifest, segments: np.ndarray, *,
+             row_tensors: Iterable[str], amax_tensors: Iterable[str], decode_steps: int,
+             max_rows: int) -> dict[str, TensorStats]:
     rows_set = list(dict.fromkeys(row_tensors))
     wanted = list(dict.fromkeys([*rows_set, *amax_tensors]))
-    have = [o.name for o in model.graph.output]
-    extra = [t for t in wanted if t not in have]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for t in extra)
     rng = np.random.default_rng(0)
     stats = {t: TensorStats(max_rows=max_rows, rng=rng) for t in wanted}
     keep = set(rows_set)
-    try:
-        with ort_session(model) as sess:
-            names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
-            n_steps = 0
+    with ort_session(model) as sess:
+        names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
+        n_steps = 0
 
-            def run(feed: Feed) -> Feed:
-                nonlocal n_steps
-                outs = sess.run(names, feed)  # type: ignore[attr-defined]
-                for n, o in zip(names, outs, strict=True):
-                    if n in stats:
-                        stats[n].update(o, n in keep)
-                n_steps += 1
-                return past_from_outputs(names, outs)
+        def run(feed: Feed) -> Feed:
+            nonlocal n_steps
+            outs = sess.run(names, feed)  # type: ignore[attr-defined]
+            for n, o in zip(names, outs, strict=True):
+                if n in stats:
+                    stats[n].update(o, n in keep)
+            n_steps += 1
+            return past_from_outputs(names, outs)
 
-            for i, seg in enumerate(segments):
-                run_segment(seg, manifest, decode_steps, run)
-                print(f"[calibrate] segment {i + 1}/{len(segments)} ({n_steps} steps)",
-                      file=sys.stderr, flush=True)
-    finally:
-        del model.graph.output[len(have):]
+        for i, seg in enumerate(segments):
+            run_segment(seg, manifest, decode_steps, run)
+            print(f"[calibrate] segment {i + 1}/{len(segments)} ({n_steps} steps)",
+                  file=sys.stderr, flush=True)
     for s in stats.values():
         s.finish()
     return stats

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,8 +72,9 @@ class Group:
 class GraphIndex:
     """Producer/consumer maps and constant lookup (through ``Identity`` nodes) for one graph."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None) -> None:
         self.model = model
+        self.base_dir = base_dir  # where external data is read from (never into the proto)
         g = model.graph
         self.inits = {t.name: t for t in g.initializer}
         self.nodes = {n.name: n for n in g.node}
@@ -93,7 +95,10 @@ class GraphIndex:
         return name
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+        t = self.inits[name]
+        if t.data_location == onnx.TensorProto.EXTERNAL and self.base_dir is not None:
+            return read_external(t, self.base_dir)
+        return numpy_helper.to_array(t)
 
     def is_float_const(self, name: str, ndim: int) -> bool:
         c = self.const_name(name)
@@ -218,35 +223,36 @@ def save_model(model: onnx.ModelProto, path: Path) -> str:
 
     Weights inside the protobuf cost twice their size in RAM at load (the protobuf bytes and the
     tensors ONNX Runtime builds from them: SmolLM2 int8, 266 MB of weights, took 532 MB).
-    External data at page-aligned offsets is read (or mapped) once. ``model`` is left as it
-    was (its weights are put back after the write).
+    External data at page-aligned offsets is read (or mapped) once. ``model`` is not touched:
+    the file is written from a copy whose large tensors carry only their external-data entries,
+    their bytes written from ``model`` one at a time. (Moving the bytes out and back held a
+    second copy of every weight during the write and left a third in ``model``, as protobuf
+    frees none of a message's bytes before the whole message: the 1.5B calibration ran out of
+    memory writing its variant.)
     """
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     data = path.name + ".data"
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(path.parent / data, "wb") as f:
-            for t in model.graph.initializer:
-                if t.data_location == onnx.TensorProto.EXTERNAL or \
-                        len(t.raw_data) < EXTERNAL_MIN_BYTES:
-                    continue
-                raw = t.raw_data
-                f.write(b"\0" * (-f.tell() % PAGE))
-                offset = f.tell()
-                f.write(raw)
-                moved.append((t, raw))
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data), ("offset", str(offset)),
-                                   ("length", str(len(raw)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-        onnx.save_model(model, str(path))
-    finally:
-        for t, raw in moved:
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = raw
+    big = frozenset(t.name for t in model.graph.initializer
+                    if t.data_location != onnx.TensorProto.EXTERNAL and
+                    len(t.raw_data) >= EXTERNAL_MIN_BYTES)
+    out = lean_copy(model, big)
+    slots = {t.name: t for t in out.graph.initializer if t.name in big}
+    with open(path.parent / data, "wb") as f:
+        for t in model.graph.initializer:
+            if t.name not in big:
+                continue
+            raw = t.raw_data
+            f.write(b"\0" * (-f.tell() % PAGE))
+            offset = f.tell()
+            f.write(raw)
+            dst = slots[t.name]
+            dst.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data), ("offset", str(offset)),
+                               ("length", str(len(raw)))):
+                entry = dst.external_data.add()
+                entry.key, entry.value = key, value
+            del raw
+    onnx.save_model(out, str(path))
     return data
 
 
@@ -271,3 +277,42 @@ def ort_session(model: onnx.ModelProto | Path, threads: int = 0) -> Iterator[obj
         path = Path(d) / "model.onnx"
         save_model(model, path)  # leaves `model` as it was: callers keep using it
         yield ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+
+def lean_copy(model: onnx.ModelProto, without: frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``without`` carry no data (name, type
+    and shape only): placeholders for weights about to be replaced, never serialized."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    for t in model.graph.initializer:
+        if t.name in without:
+            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    return out
+
+
+def _copy_fields(src: Any, dst: Any, skip: set[str]) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        field_ = getattr(dst, fd.name)
+        if hasattr(field_, "extend"):
+            field_.extend(value)
+        elif hasattr(field_, "CopyFrom"):
+            field_.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def read_external(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """An external-data tensor's values read from its file, the tensor left as it is (onnx's
+    own loader writes the bytes into the proto, where protobuf keeps them until the whole
+    model is freed, deleted or not)."""
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    count = int(info["length"]) // dtype.itemsize if "length" in info else -1
+    a = np.fromfile(base_dir / info["location"], dtype=dtype, count=count,
+                    offset=int(info.get("offset", 0)))
+    return a.reshape(tuple(t.dims))

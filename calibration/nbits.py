@@ -126,9 +126,10 @@ def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCU
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for nd in model.graph.node for i in nd.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):  # in place: del + extend copied every kept weight
+        if inits[i].name not in used:
+            del inits[i]
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, len(fused)

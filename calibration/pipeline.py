@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import sys
 from dataclasses import dataclass, field
@@ -17,16 +16,16 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from llama_export.runtime.errors import CalibrationError, InputError
 from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.tokenizer import Tokenizer
 
-from .accuracy import Gate, GenreAccuracy, compare, segment_logits
+from .accuracy import Gate, GenreAccuracy, compare, genre_logits
 from .bundle_io import (
     base_entry,
     fp32_source,
-    load_fp32,
     load_ort_graph,
     model_opset,
     ort_graph_entry,
@@ -34,8 +33,8 @@ from .bundle_io import (
 )
 from .collect import collect_stats
 from .data import HELDOUT_GENRES, TextSource, builtin_text, load_text, token_segments
-from .graph import GraphIndex, find_groups, find_projections
-from .qdq import insert_w8a8
+from .graph import GraphIndex, find_groups, find_projections, lean_copy
+from .qdq import insert_w8a8, prune_initializers
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
 from .trt_cache import DEFAULT_TRT_VERSION, format_cache
@@ -107,30 +106,39 @@ def check_options(opts: CalibrateOptions) -> None:
 
 @dataclass
 class Evaluator:
-    """fp32 reference logits computed once per genre; scores candidate graphs against them."""
+    """fp32 reference logits computed once per genre (kept in the graph's float32); scores
+    candidate graphs against them one segment at a time (candidate logits are never all held)."""
 
     manifest: Manifest
     segments: dict[str, Any]  # genre -> (n, seq_len) token segments
-    ref: dict[str, list[Any]] = field(default_factory=dict)
+    ref: dict[str, list[Any]] = field(default_factory=dict)  # genre -> fp32 logits per segment
 
     def start(self, fp32: onnx.ModelProto | Path) -> Evaluator:
-        self.ref = {g: segment_logits(fp32, self.manifest, s) for g, s in self.segments.items()}
+        self.ref = genre_logits(fp32, self.manifest, self.segments, lambda _, it: list(it))
         return self
 
     def score(self, model: onnx.ModelProto) -> GenreAccuracy:
-        return GenreAccuracy({g: compare(self.ref[g], segment_logits(model, self.manifest, s), s)
-                              for g, s in self.segments.items()})
+        return GenreAccuracy(genre_logits(
+            model, self.manifest, self.segments,
+            lambda g, logits: compare(self.ref[g], logits, self.segments[g])))
 
 
 def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
-    """Write the ``int8`` variant; returns its manifest entry. Raises when the gate fails."""
+    """Write the ``int8`` variant; returns its manifest entry. Raises when the gate fails.
+
+    Memory: every ONNX Runtime pass over the fp32 graph (statistics, reference logits) runs on
+    the bundle's own file before its weights are loaded into Python; the SmoothQuant edits are
+    then written into that one in-memory copy (originals dropped), and each candidate W8A8
+    graph copies only the weights it keeps in float. Holding fp32 proto + edits + a deep copy
+    per candidate ran Qwen2.5-Coder-0.5B out of 24 GB (23.0 GB peak when killed)."""
     check_options(opts)
-    manifest, fp32 = load_fp32(bundle)
+    manifest, fp32_file = fp32_source(bundle)
     tok = Tokenizer.from_bundle(bundle, manifest.tokenizer)
     text = load_text(opts.data)
     segments = token_segments(text, tok, samples=opts.samples, seq_len=opts.seq_len)
     held, held_src = eval_segments(tok, opts.eval, text)
-    groups = find_groups(fp32)
+    structure = onnx.load(str(fp32_file), load_external_data=False)
+    groups = find_groups(structure)
     if not groups:
         raise CalibrationError("found no projection MatMuls with constant weights: is this a "
                                "llama-export bundle? re-export it with `llama-export onnx`")
@@ -138,25 +146,46 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     log(f"{len(segments)} segments x {opts.seq_len} tokens from {text.origin} ({len(fit)} fit "
         f"ranges, {len(val)} validate); {sum(len(g.projections) for g in groups)} projections "
         f"in {len(groups)} groups")
-    amax_tensors = matmul_tensors(fp32)
-    stats = collect_stats(fp32, manifest, fit, row_tensors=[g.input for g in groups],
+    amax_tensors = matmul_tensors(structure)
+    inputs = [g.input for g in groups]
+    del structure
+    stats = collect_stats(fp32_file, manifest, fit, row_tensors=inputs,
                           amax_tensors=amax_tensors, decode_steps=opts.decode_steps)
-    plans, tensors = plan_smoothing(fp32, groups, stats, method=opts.method,
-                                    alpha=opts.smoothquant, percentile=opts.percentile)
-    measure_clipping(fp32, manifest, plans, val, opts.decode_steps)
-    model, excluded = search_keep_float(fp32, manifest, plans, tensors, val, opts)
+    # How far unseen (validation) text overshoots the fitted ranges: its channel maxima only.
+    val_stats = collect_stats(fp32_file, manifest, val, row_tensors=inputs,
+                              decode_steps=opts.decode_steps, max_rows=1)
+    log("fp32 reference logits (validation and held-out text)")
+    refs = Evaluator(manifest, {**held, VALIDATION: val}).start(fp32_file).ref
+    ev = Evaluator(manifest, held, {g: refs[g] for g in held})
+    val_ev = Evaluator(manifest, {VALIDATION: val}, {VALIDATION: refs.pop(VALIDATION)})
+    del refs
+    # The graph without its weights: they are read from the data file when needed, so the
+    # proto holds only the smoothed ones (protobuf frees nothing of a model until it goes).
+    fp32 = onnx.load(str(fp32_file), load_external_data=False)
+    plans, tensors = plan_smoothing(fp32, find_groups(fp32), stats, method=opts.method,
+                                    alpha=opts.smoothquant, percentile=opts.percentile,
+                                    release_rows=True, base_dir=fp32_file.parent)
+    measure_clipping(plans, val_stats)
+    tensors.apply(fp32)  # fp32 becomes the smoothed graph (the same function)
+    prune_initializers(fp32)
+    del tensors
+    model, excluded = search_keep_float(fp32, plans, val_ev, opts, fp32_file.parent)
+    del fp32, val_ev  # before the ONNX-Runtime graph is loaded
     log("measuring accuracy on held-out text")
-    ev = Evaluator(manifest, held).start(fp32)
     acc = ev.score(model)
     log(acc.line())
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry = int8_entry(manifest, model, plans, excluded, acc, opts, text, held_src, len(segments))
     ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry)
+    del ev
     cache = format_cache({t: stats[t].amax for t in amax_tensors if stats[t].amax > 0},
                          opts.trt_version)
     write_variant(bundle, manifest, "int8", model, entry, {CACHE_FILE: cache},
                   ort_model=ort_model)
     return entry
+
+
+VALIDATION = " validation"  # not a held-out genre's name
 
 
 def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
@@ -170,11 +199,11 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
     onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
     Gated like the standard graph; records its ``entry["ort_graph"]``."""
-    fp32_ort = load_ort_graph(bundle, manifest)
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is None:
         return None
     model, _ = quantize_weight_only(fp32_ort, bits=8, block=EXCLUDED_BLOCK,
-                                    include_lm_head=True)
+                                    include_lm_head=True, in_place=True, base_dir=bundle)
     acc = ev.score(model)
     log(f"ort graph: {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts)
@@ -230,31 +259,48 @@ def matmul_tensors(model: onnx.ModelProto) -> list[str]:
 
 def build_int8(fp32: onnx.ModelProto, plans: list[GroupPlan], tensors: Tensors,
                exclude: list[str], excluded_weights: str = "float",
-               lm_head: str = "float") -> onnx.ModelProto:
+               lm_head: str = "float", base_dir: Path | None = None) -> onnx.ModelProto:
     """The W8A8 graph; ``exclude``d projections keep float activations and, with
     ``excluded_weights="int8"``, int8 blocked weights (a quarter of their fp32 bytes; the
     graph moves to opset 21 for blocked DequantizeLinear) instead of float ones.
     ``lm_head="int8"``: the same weight-only form for lm_head (113 MB of fp32 reads per token
-    on SmolLM2; its GGUF source is Q8_0, which 8-bit blocks of 32 reproduce)."""
+    on SmolLM2; its GGUF source is Q8_0, which 8-bit blocks of 32 reproduce).
+
+    ``fp32`` is left as it was. The new graph never copies the float weights it quantizes:
+    they are read from ``fp32`` one at a time (a deep copy first took the whole model twice).
+    ``base_dir``: ``fp32``'s external data is read from there (the new graph's float weights
+    are loaded into it)."""
     block = EXCLUDED_BLOCK if excluded_weights == "int8" and exclude else None
-    model = upgrade_opset(copy.deepcopy(fp32)) if block else copy.deepcopy(fp32)
-    own = Tensors(model)
+    src = GraphIndex(fp32, base_dir)
+    skip = set(exclude)
+    slots = {(p.node, 1) for g in plans for p in g.group.projections if p.label not in skip}
+    lent = frozenset(
+        name for name in (src.const_name(src.nodes[n].input[i]) for n, i in slots)
+        if name is not None and all((c.name, j) in slots for c in src.consumers.get(name, [])
+                                    for j, x in enumerate(c.input) if x == name))
+    model = lean_copy(fp32, lent)
+    if block:
+        model = upgrade_opset(model, in_place=True)
+    own = Tensors(model, source=src, lent=lent, base_dir=base_dir)
     own.edits = dict(tensors.edits)
     insert_w8a8(model, plans, own, exclude, excluded_block=block)
-    return quantize_lm_head(model, EXCLUDED_BLOCK) if lm_head == "int8" else model
+    left = [t.name for t in model.graph.initializer if t.name in lent]
+    if left:
+        raise AssertionError(f"W8A8 graph still reads float weights it was built without: {left}")
+    if base_dir is not None:
+        load_external_data_for_model(model, str(base_dir))
+    return quantize_lm_head(model, EXCLUDED_BLOCK, in_place=True) if lm_head == "int8" else model
 
 
-def measure_clipping(fp32: onnx.ModelProto, manifest: Manifest, plans: list[GroupPlan],
-                     val: Any, decode_steps: int) -> None:
-    """How far the validation text's activations overshoot each fitted range (``clip_ratio``).
+def measure_clipping(plans: list[GroupPlan], val_stats: dict[str, Any]) -> None:
+    """How far the validation text's activations (``val_stats``: their channel maxima on the
+    fp32 graph) overshoot each fitted range (``clip_ratio``).
 
     Measured on SmolLM2: ranking by W8A8 error alone needed 48 float groups, because what
     breaks held-out accuracy is clipping of activations larger than any in the fit segments.
     """
-    stats = collect_stats(fp32, manifest, val, row_tensors=[p.group.input for p in plans],
-                          decode_steps=decode_steps, max_rows=1)
     for p in plans:
-        cmax = stats[p.group.input].channel_amax
+        cmax = val_stats[p.group.input].channel_amax
         if cmax is not None:
             s = 1.0 if p.smooth is None else p.smooth
             p.clip_ratio = float(np.max(cmax / s)) / p.act_amax
@@ -265,20 +311,24 @@ def sensitivity_order(plans: list[GroupPlan]) -> list[GroupPlan]:
     return sorted(plans, key=lambda p: (-max(p.clip_ratio, 1.0), -p.abs_error))
 
 
-def search_keep_float(fp32: onnx.ModelProto, manifest: Manifest, plans: list[GroupPlan],
-                      tensors: Tensors, segments: Any,
-                      opts: CalibrateOptions) -> tuple[onnx.ModelProto, list[str]]:
+def search_keep_float(fp32: onnx.ModelProto, plans: list[GroupPlan], val: Evaluator,
+                      opts: CalibrateOptions,
+                      base_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Keep the k groups with the largest W8A8 output error in float, k growing until the gate
-    holds, with :func:`validation_gate`'s margin, on the validation ``segments`` (calibration
-    text outside the range fit; never the held-out text: that would tune on the test)."""
+    holds, with :func:`validation_gate`'s margin, on the validation text ``val`` (calibration
+    text outside the range fit; never the held-out text: that would tune on the test).
+    ``fp32``: the smoothed fp32 graph (SmoothQuant's edits written in; other weights external
+    in ``base_dir`` when given)."""
     ranked = sensitivity_order(plans)
     steps = [opts.keep_float] if opts.keep_float is not None else [
         k for k in KEEP_FLOAT_STEPS if k <= len(plans)]
-    val = Evaluator(manifest, {"calibration": segments}).start(fp32)
+    none = Tensors(fp32)
     model, exclude = fp32, []
     for k in steps:
         exclude = [p.label for g in ranked[:k] for p in g.group.projections]
-        model = build_int8(fp32, plans, tensors, exclude, opts.excluded_weights, opts.lm_head)
+        model = fp32  # the previous candidate is freed before the next one is built
+        model = build_int8(fp32, plans, none, exclude, opts.excluded_weights, opts.lm_head,
+                           base_dir)
         if len(steps) == 1:
             break
         acc = val.score(model)
@@ -373,23 +423,25 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     # Reference logits from the bundle's own file first, the graph loaded after: a 1.5B model's
     # 7 GB of fp32 weights are never in memory twice (once in ONNX Runtime, once in the proto).
     ev = Evaluator(manifest, held).start(fp32_file)
-    fp32 = onnx.load(str(fp32_file), load_external_data=True)
+    fp32 = onnx.load(str(fp32_file), load_external_data=False)  # weights read one at a time
     labels = [p.label for p in find_projections(fp32)]
     eight = _eight_bit(opts, labels, manifest)
     model, done = quantize_weight_only(fp32, bits=opts.bits, block=opts.block_size,
                                        include_lm_head=opts.lm_head, int8_labels=eight,
-                                       fmt=opts.fmt)
+                                       fmt=opts.fmt, in_place=True, base_dir=fp32_file.parent)
     name = "int4" if opts.bits == 4 else "int8wo"
     acc = gate_variant(name, ev, model, opts)
     ort_model, ort_acc, ort_eight = None, None, []
-    fp32_ort = load_ort_graph(bundle, manifest)
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is not None:
         # Same rules on the ONNX-Runtime graph; its packed q|k|v takes 8 bits if any part does.
         ort_eight = packed_labels([p.label for p in find_projections(fp32_ort)], eight)
         ort_model, _ = quantize_weight_only(fp32_ort, bits=opts.bits, block=opts.block_size,
                                             include_lm_head=opts.lm_head, int8_labels=ort_eight,
-                                            fmt=opts.fmt, negative_scales=True)
+                                            fmt=opts.fmt, negative_scales=True,
+                                            in_place=True, base_dir=bundle)
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
+    del ev, fp32_ort  # the reference logits (1.9 GB for Qwen2.5's vocabulary) before writing
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
                        f"weight-only-int{opts.bits}-blocked-dq", model_opset(model))
     entry["quantization"] = {

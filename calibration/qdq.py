@@ -157,9 +157,11 @@ def weight_dq(model: onnx.ModelProto, ins: NodeInserter, base: str, q: np.ndarra
 
 
 def prune_initializers(model: onnx.ModelProto) -> None:
-    """Drop initializers no node (or graph output) reads any more: the replaced fp32 weights."""
+    """Drop initializers no node (or graph output) reads any more: the replaced fp32 weights.
+    Deleted in place: rebuilding the list (``del`` + ``extend``) copied every kept tensor, a
+    transient second copy of a model's weights."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        if inits[i].name not in used:
+            del inits[i]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,15 +34,19 @@ Slot = tuple[str, int]  # (node name, input index): where an edited constant is 
 class Tensors:
     """Edited copies of the constants consumed at given node inputs; originals untouched."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.idx = GraphIndex(model)
+    def __init__(self, model: onnx.ModelProto, source: GraphIndex | None = None,
+                 lent: frozenset[str] = frozenset(), base_dir: Path | None = None) -> None:
+        self.idx = GraphIndex(model, base_dir)  # base_dir: external data read from there
         self.edits: dict[Slot, np.ndarray] = {}
+        self.source, self.lent = source, lent  # initializers held (with data) only by source
 
     def get(self, slot: Slot) -> np.ndarray:
         if slot in self.edits:
             return self.edits[slot]
         name = self.idx.const_name(self.idx.nodes[slot[0]].input[slot[1]])
         assert name is not None, slot  # slots come from graph.py, which checked constness
+        if name in self.lent and self.source is not None:
+            return self.source.array(name)
         return self.idx.array(name)
 
     def set(self, slot: Slot, value: np.ndarray) -> None:
@@ -49,13 +54,14 @@ class Tensors:
 
     def apply(self, model: onnx.ModelProto, suffix: str = ".smoothed") -> None:
         """Write every edit as a fresh initializer wired to its slot only (shared ones stay)."""
-        for (node_name, i), arr in self.edits.items():
+        for slot in list(self.edits):
+            (node_name, i), arr = slot, self.edits.pop(slot)  # freed as soon as it is written
             node = self.idx.nodes[node_name]
             base = self.idx.const_name(node.input[i]) or node.input[i]
             name = fresh_name(model, base + suffix)
             set_initializer(model, name, arr)
             node.input[i] = name
-        self.edits.clear()
+            del arr
 
 
 @dataclass
@@ -89,8 +95,17 @@ def fold_slots(idx: GraphIndex, group: Group) -> tuple[Slot, Slot | None]:
     return (f.node, 1), bias
 
 
-def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
-    w_cmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+def weight_channel_amax(weights: list[np.ndarray]) -> np.ndarray:
+    """max |W| per input channel (row K) over the group's weights."""
+    out: np.ndarray = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    return out
+
+
+def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: float,
+                      w_cmax: np.ndarray | None = None) -> np.ndarray:
+    """``w_cmax``: :func:`weight_channel_amax` of ``weights`` when already known."""
+    if w_cmax is None:
+        w_cmax = weight_channel_amax(weights)
     s = np.power(np.maximum(act_cmax, _TINY), alpha) / np.power(np.maximum(w_cmax, _TINY),
                                                                  1 - alpha)
     out: np.ndarray = np.clip(s, _TINY, None).astype(np.float32)
@@ -99,18 +114,23 @@ def smoothing_factors(act_cmax: np.ndarray, weights: list[np.ndarray], alpha: fl
 
 def plan_smoothing(model: onnx.ModelProto, groups: list[Group], stats: dict[str, TensorStats],
                    *, method: Method, alpha: float | str | None,
-                   percentile: float = 99.99) -> tuple[list[GroupPlan], Tensors]:
+                   percentile: float = 99.99, release_rows: bool = False,
+                   base_dir: Path | None = None) -> tuple[list[GroupPlan], Tensors]:
     """Choose alpha per group, fold the factors into ``Tensors`` edits; return the plans.
 
     ``alpha``: a float in [0, 1], "auto" (search :data:`AUTO_ALPHAS` and no smoothing), or None.
     Groups whose input comes from a producer projection (down_proj) go first: their fold edits
-    ``up_proj``'s weight, which the gate/up group then reads.
+    ``up_proj``'s weight, which the gate/up group then reads. ``release_rows``: drop each
+    group's row sample once planned (the edits grow while the samples shrink; Qwen2.5-1.5B's
+    samples are 3.1 GB). ``base_dir``: ``model``'s external data is read from there.
     """
-    t = Tensors(model)
+    t = Tensors(model, base_dir=base_dir)
     order = sorted(groups, key=lambda g: 0 if g.fold and g.fold.kind == "matmul" else 1)
     plans: dict[str, GroupPlan] = {}
     for n, g in enumerate(order):
         plans[g.input] = _plan_group(t, g, stats[g.input], method, alpha, percentile)
+        if release_rows:
+            stats[g.input].rows = None
         if (n + 1) % 20 == 0:
             print(f"[calibrate] smoothing: {n + 1}/{len(order)} groups", file=sys.stderr,
                   flush=True)
@@ -130,9 +150,10 @@ def _plan_group(t: Tensors, g: Group, st: TensorStats, method: Method,
     else:
         cands = (float(alpha),)
     best: tuple[float, float, float | None] = (np.inf, np.inf, None)
+    w_cmax = weight_channel_amax(ws)  # the same for every candidate
     for a in cands:
         s = np.ones_like(st.channel_amax) if a is None else smoothing_factors(
-            st.channel_amax, ws, a)
+            st.channel_amax, ws, a, w_cmax)
         xs = sub / s
         rel, ab = matmul_error(xs, [w * s[:, None] for w in ws],
                                activation_amax(xs, method, percentile))
@@ -141,7 +162,7 @@ def _plan_group(t: Tensors, g: Group, st: TensorStats, method: Method,
     err, abs_err, a = best
     if a is None:
         return GroupPlan(g, None, activation_amax(st.rows, method, percentile), err, abs_err)
-    s = smoothing_factors(st.channel_amax, ws, a)
+    s = smoothing_factors(st.channel_amax, ws, a, w_cmax)
     for p, w in zip(g.projections, ws, strict=True):
         t.set(weight_slot(p.node), w * s[:, None])
     fold, bias = fold_slots(t.idx, g)

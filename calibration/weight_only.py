@@ -24,10 +24,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Container, Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, version_converter
+from onnx.external_data_helper import load_external_data_for_model
 
 from .graph import (
     GraphIndex,
@@ -35,6 +37,7 @@ from .graph import (
     find_projections,
     fresh_name,
     is_lm_head,
+    lean_copy,
     set_initializer,
 )
 from .qdq import NodeInserter, prune_initializers, weight_dq
@@ -129,29 +132,45 @@ def quantize_blocked_symmetric(w: np.ndarray, block: int,
     return q.reshape(nb * block, n)[:k].astype(np.int8), scale.astype(np.float32)
 
 
-def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET) -> onnx.ModelProto:
-    """Blocked DequantizeLinear needs opset 21; converts e.g. ReduceMean's axes to an input."""
+def upgrade_opset(model: onnx.ModelProto, opset: int = BLOCK_OPSET, *,
+                  in_place: bool = False) -> onnx.ModelProto:
+    """Blocked DequantizeLinear needs opset 21; converts e.g. ReduceMean's axes to an input.
+
+    The converter serializes the model it is given (past 2 GB protobuf refuses), but needs no
+    weight values: it converts a copy without the large initializers' data. ``in_place``:
+    its graph then replaces ``model``'s, whose weights stay where they are (no copy; returns
+    ``model``). Otherwise a new model gets copies of the weights and ``model`` stays intact;
+    that took the weights three times over (Qwen2.5-1.5B: 7 GB each)."""
     current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current >= opset:
         return model
-    # The converter serializes the model it is given: past 2 GB protobuf refuses, and below it
-    # every weight would be copied twice. It needs no weight values, so the large initializers
-    # sit out the conversion (as bytes) and go back into both graphs: ``model`` stays intact.
-    aside: dict[str, bytes] = {}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.DEFAULT and len(t.raw_data) > 1024:
-            aside[t.name] = t.raw_data
-            t.ClearField("raw_data")
-    try:
-        converted = version_converter.convert_version(model, opset)
-    finally:
-        for t in model.graph.initializer:
-            if t.name in aside:
-                t.raw_data = aside[t.name]
-    for t in converted.graph.initializer:
-        if t.name in aside:
-            t.raw_data = aside.pop(t.name)
-    return converted
+    big = frozenset(t.name for t in model.graph.initializer
+                    if t.data_location == onnx.TensorProto.DEFAULT and len(t.raw_data) > 1024)
+    converted = version_converter.convert_version(lean_copy(model, big), opset)
+    if not in_place:
+        src = {t.name: t for t in model.graph.initializer if t.name in big}
+        for t in converted.graph.initializer:
+            if t.name in big:
+                t.CopyFrom(src[t.name])
+        return converted
+    g, c = model.graph, converted.graph
+    keep = {t.name for t in c.initializer}
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name not in keep:
+            del g.initializer[i]
+    mine = {t.name: t for t in g.initializer}
+    for t in c.initializer:
+        if t.name not in big:  # small constants: the converter's version
+            (mine[t.name] if t.name in mine else g.initializer.add()).CopyFrom(t)
+    for name in ("node", "input", "output", "value_info"):
+        g.ClearField(name)
+        getattr(g, name).extend(getattr(c, name))
+    model.ClearField("opset_import")
+    model.opset_import.extend(converted.opset_import)
+    model.ClearField("functions")
+    model.functions.extend(converted.functions)
+    model.ir_version = converted.ir_version
+    return model
 
 
 #   W (K,N) fp32  ══►  W_q int4/int8 (K,N) ──► DequantizeLinear(scale (K/B,N), axis=0,
@@ -162,18 +181,25 @@ FORMATS = ("offset", "zero-point", "symmetric")
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 32,
                          include_lm_head: bool = False, int8_labels: Container[str] = (),
                          fmt: str = "offset", negative_scales: bool = False,
-                         only: Container[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+                         only: Container[str] | None = None,
+                         in_place: bool = False,
+                         base_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Return the rewritten model (opset 21) and the labels of the quantized projections.
 
     ``int8_labels``: projections given 8-bit blocks in a 4-bit variant (see
     :func:`eight_bit_labels`); an lm_head listed there is quantized too. ``fmt``: the INT4
     format (module docstring). ``negative_scales``: the symmetric format's ONNX Runtime
     rule (:func:`quantize_blocked_symmetric`), for graphs TensorRT never reads. ``only``: the
-    labels to quantize (default: every projection).
+    labels to quantize (default: every projection). ``in_place``: ``model`` itself is rewritten
+    (its float weights are dropped as replaced: no copy of them is ever made); otherwise it is
+    left intact. ``base_dir``: ``model`` was loaded without its external data, which is read
+    from there one weight at a time; the weights left in float are loaded at the end. A 1.5B
+    model's 7 GB of fp32 weights are then never in memory (protobuf frees none of a loaded
+    model's bytes until the whole model goes, pruned or not).
     """
     assert fmt in FORMATS, fmt
-    model = upgrade_opset(model)
-    idx = GraphIndex(model)
+    model = upgrade_opset(model, in_place=in_place)
+    idx = GraphIndex(model, base_dir)
     ins = NodeInserter(model)
     done: list[str] = []
     projs = find_projections(model)
@@ -205,14 +231,18 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
             print(f"[quantize] {n + 1}/{len(projs)} weights", file=sys.stderr, flush=True)
     ins.commit()
     prune_initializers(model)
+    if base_dir is not None:
+        load_external_data_for_model(model, str(base_dir))
     return model, done
 
 
-def quantize_lm_head(model: onnx.ModelProto, block: int = 32) -> onnx.ModelProto:
+def quantize_lm_head(model: onnx.ModelProto, block: int = 32, *,
+                     in_place: bool = False) -> onnx.ModelProto:
     """``model`` (opset 21) with only the lm_head's weight in int8 blocks (weight-only)."""
     idx = GraphIndex(model)
     head = [p.label for p in find_projections(model) if is_lm_head(idx, p)]
-    out, _ = quantize_weight_only(model, bits=8, block=block, include_lm_head=True, only=head)
+    out, _ = quantize_weight_only(model, bits=8, block=block, include_lm_head=True, only=head,
+                                  in_place=in_place)
     return out
 
 

@@ -376,3 +376,160 @@ def test_int8_lm_head_weight_only_option(tiny_bundle: Path, tmp_path: Path) -> N
     assert idx.producer[head.input[0]].op_type != "DequantizeLinear"
     sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(["logits"], _feed(Manifest.load(out), 5))[0]).all()
+
+
+def test_evaluator_keeps_float32_references_and_streams_candidates(
+        tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference logits are kept in the graph's float32 (Qwen2.5's 151,936-token vocabulary:
+    24 held-out segments as float64 were 3.7 GB, and the candidate's as many again); the
+    candidate's logits reach ``compare`` one segment at a time from one session for every
+    genre; the figures are exactly those of the float64, all-at-once computation."""
+    from collections.abc import Iterator
+
+    from llama_export.calibration import accuracy, pipeline
+    from llama_export.calibration.accuracy import compare
+    from llama_export.calibration.pipeline import Evaluator
+
+    manifest = Manifest.load(tiny_bundle)
+    fp32_file = tiny_bundle / manifest.variant("fp32")["file"]
+    fp32 = onnx.load(str(fp32_file))
+    tok = Tokenizer.from_bundle(tiny_bundle, manifest.tokenizer)
+    segs = token_segments(load_text(None), tok, samples=4, seq_len=24)
+    genres = {"a": segs[:2], "b": segs[2:]}
+    cand = copy.deepcopy(fp32)
+    w = next(t for t in cand.graph.initializer if len(t.dims) == 2 and t.dims[0] > 16)
+    arr = onnx.numpy_helper.to_array(w)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr * np.float32(1.05), w.name))
+    want = {g: compare(segment_logits(fp32, manifest, s), segment_logits(cand, manifest, s), s)
+            for g, s in genres.items()}
+
+    ev = Evaluator(manifest, genres).start(fp32_file)
+    assert all(r.dtype == np.float32 for refs in ev.ref.values() for r in refs)
+    sessions, seen = [], []
+    real_session, real_compare = accuracy.ort_session, pipeline.compare
+
+    def counting_session(*a: object, **k: object) -> object:
+        sessions.append(1)
+        return real_session(*a, **k)  # type: ignore[arg-type]
+
+    def checking_compare(ref: object, got: object, s: np.ndarray) -> object:
+        seen.append(isinstance(got, Iterator))
+        return real_compare(ref, got, s)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(accuracy, "ort_session", counting_session)
+    monkeypatch.setattr(pipeline, "compare", checking_compare)
+    got = ev.score(cand)
+    assert seen == [True, True] and len(sessions) == 1
+    assert got.genres == want
+    assert got.genres["a"].ppl_ratio != 1.0
+
+
+def test_collect_stats_on_the_bundle_file_equals_in_memory(tiny_bundle: Path) -> None:
+    """Statistics collected on the bundle's own file (its graph only loaded, the weights read
+    by ONNX Runtime from the data file) equal those of the in-memory graph; no temp file is
+    left in the bundle."""
+    manifest = Manifest.load(tiny_bundle)
+    path = tiny_bundle / manifest.variant("fp32")["file"]
+    fp32 = onnx.load(str(path))
+    tok = Tokenizer.from_bundle(tiny_bundle, manifest.tokenizer)
+    segs = token_segments(load_text(None), tok, samples=2, seq_len=32)
+    groups = [g.input for g in find_groups(fp32)]
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    a = collect_stats(fp32, manifest, segs, row_tensors=groups, decode_steps=4)
+    b = collect_stats(path, manifest, segs, row_tensors=groups, decode_steps=4)
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before
+    assert len(fp32.graph.output) == 1 + 2 * manifest.num_layers  # extra outputs removed
+    for t in groups:
+        assert a[t].amax == b[t].amax
+        np.testing.assert_array_equal(a[t].channel_amax, b[t].channel_amax)
+        np.testing.assert_array_equal(a[t].rows, b[t].rows)
+
+
+def test_calibrate_never_copies_the_whole_model(tiny_bundle: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W8A8 candidates are built without a deep copy of the fp32 graph (the quantized
+    weights are read from it one at a time; Qwen2.5-Coder-0.5B's calibration ran out of 24 GB
+    holding fp32 + SmoothQuant edits + a deep copy per candidate), and the int8 graph is the
+    one a deep copy gave (same weights, Q/DQ and scales: checked through its logits)."""
+    from llama_export.calibration import pipeline
+    from llama_export.calibration.graph import lean_copy
+    from llama_export.calibration.pipeline import build_int8
+    from llama_export.calibration.smoothquant import Tensors
+
+    real = copy.deepcopy
+
+    def no_model_copies(x: object, *a: object) -> object:
+        assert not isinstance(x, onnx.ModelProto), "deep copy of a whole model"
+        return real(x, *a)
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    calibrate(out, FAST)
+    monkeypatch.undo()
+
+    fp32 = _load(tiny_bundle, "fp32")
+    manifest = Manifest.load(tiny_bundle)
+    tok = Tokenizer.from_bundle(tiny_bundle, manifest.tokenizer)
+    segs = token_segments(load_text(None), tok, samples=2, seq_len=32)
+    stats = collect_stats(copy.deepcopy(fp32), manifest, segs,
+                          row_tensors=[g.input for g in find_groups(fp32)], decode_steps=4)
+    plans, tensors = plan_smoothing(fp32, find_groups(fp32), stats, method="minmax", alpha=0.5)
+    exclude = [plans[0].group.projections[0].label]
+    lean = build_int8(fp32, plans, tensors, exclude)
+    deep = copy.deepcopy(fp32)  # what build_int8 did before: everything copied, then replaced
+    own = Tensors(deep)
+    own.edits = dict(tensors.edits)
+    pipeline.insert_w8a8(deep, plans, own, exclude)
+    feed = _feed(manifest, 12)
+    got, want = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                 .run(None, feed)[0] for m in (lean, deep))
+    np.testing.assert_array_equal(got, want)
+    assert {t.name for t in fp32.graph.initializer} == {t.name for t in _load(tiny_bundle, "fp32")
+                                                       .graph.initializer}  # fp32 untouched
+    holes = lean_copy(fp32, frozenset({fp32.graph.initializer[0].name}))
+    assert not holes.graph.initializer[0].raw_data and holes.graph.node == fp32.graph.node
+
+
+def test_upgrade_opset_in_place_keeps_the_weights_where_they_are(tiny_bundle: Path) -> None:
+    """In place, the converted graph replaces the model's and its weights are not copied (the
+    model returned is the one given); otherwise the model given stays intact. Both compute the
+    fp32 logits."""
+    from llama_export.calibration.weight_only import BLOCK_OPSET, upgrade_opset
+
+    fp32 = _load(tiny_bundle, "fp32")
+    before = fp32.SerializeToString()
+    copied = upgrade_opset(fp32)
+    assert fp32.SerializeToString() == before and copied is not fp32
+    target = _load(tiny_bundle, "fp32")
+    moved = upgrade_opset(target, in_place=True)
+    assert moved is target
+    for m in (copied, moved):
+        assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == \
+            BLOCK_OPSET
+        assert all(len(t.raw_data) or t.float_data or t.int64_data or t.int32_data
+                   for t in m.graph.initializer)
+    feed = _feed(Manifest.load(tiny_bundle), 9)
+    want, a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                  .run(None, feed)[0] for m in (fp32, copied, moved))
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(b, want)
+
+
+def test_weight_only_reads_external_weights_one_at_a_time(tiny_bundle: Path) -> None:
+    """A graph loaded without its external data quantizes in place to the same graph as a
+    fully loaded one: each weight read from the data file when quantized, the float ones
+    loaded at the end (protobuf never frees a loaded model's bytes before the whole model)."""
+    from llama_export.calibration.weight_only import quantize_weight_only
+
+    path = tiny_bundle / "model.onnx"
+    full, _ = quantize_weight_only(onnx.load(str(path)), bits=4)
+    src = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in src.graph.initializer)
+    lazy, _ = quantize_weight_only(src, bits=4, in_place=True, base_dir=tiny_bundle)
+    assert lazy is src
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    feed = _feed(Manifest.load(tiny_bundle), 9)
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(None, feed)[0] for m in (full, lazy))
+    np.testing.assert_array_equal(a, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -256,3 +258,35 @@ def test_tensor_stats_sample_is_bounded_uniform_and_exact() -> None:
     assert {r.tobytes() for r in st.rows} <= {r.tobytes() for r in allrows}
     # uniform over 100 chunks: mean chunk index 49.5 (sd of the mean ~1.8), both halves sampled
     assert abs(origin.mean() - 49.5) < 8 and (origin < 20).sum() > 25 and (origin >= 80).sum() > 25
+
+
+def test_save_model_leaves_the_model_untouched_and_unduplicated(tmp_path: Path) -> None:
+    """save_model writes large tensors from the model without moving their bytes out and back:
+    protobuf frees none of a message's bytes until the whole message goes, so putting them
+    back kept a second copy in the model (the 1.5B calibration ran out of memory writing)."""
+    import gc
+
+    import onnx
+
+    from llama_export.calibration.graph import save_model
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    w = np.arange(64 * 2**20, dtype=np.float32).reshape(-1, 1024)  # 256 MB
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, w.shape[0]])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1024])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [x], [y], [onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    del w
+    gc.collect()
+    before, size = rss_mb(), model.ByteSize()
+    data = save_model(model, tmp_path / "m.onnx")
+    gc.collect()
+    assert rss_mb() - before < 64  # was +256 MB: the weight put back into the model
+    assert model.ByteSize() == size and model.graph.initializer[0].raw_data[:4] == bytes(4)
+    back = onnx.load(str(tmp_path / "m.onnx"))
+    assert (tmp_path / data).stat().st_size >= 2**28
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(back.graph.initializer[0])[1, :3],
+                                  [1024, 1025, 1026])
