@@ -116,9 +116,11 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
         if opts.verify:
             from .verify import verify_bundle
             entry = manifest.data["variants"][opts.dtype]
+            ref_cache: dict[bytes, Any] = {}  # both graphs are checked on the same inputs
             for graph in ("standard", "ort") if opts.ort_graph else ("standard",):
                 report = verify_bundle(tmp, model, manifest=manifest, reference=ref,
-                                       graph=graph, progress=progress)
+                                       graph=graph, progress=progress,
+                                       reference_cache=ref_cache)
                 (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
         cost = {"export_seconds": round(t_verify - t0, 2),
                 "verify_seconds": round(time.perf_counter() - t_verify, 2),

@@ -17,8 +17,6 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from llama_export.runtime.parity.references import (
 )
 from llama_export.runtime.tokenizer import Tokenizer
 
+from .reference import reference_threads
 from .sources import Progress
 
 TOP_K = 32
@@ -100,7 +99,7 @@ def write_references(bundle: Path, manifest: Manifest, reference: Any,
              f"continuations of {NEW_TOKENS} tokens, top-{TOP_K} logits) for `llama-export parity`")
     t0 = time.perf_counter()
     items = []
-    with _one_torch_thread():
+    with reference_threads(reference):
         for p in prompts:
             item = _run_item(reference, p, max_ctx)
             if item is None:
@@ -121,17 +120,6 @@ def write_references(bundle: Path, manifest: Manifest, reference: Any,
     progress(f"saved PyTorch references: {len(items)} items, {positions} positions, top-{TOP_K} "
              f"logits ({(bundle / FILE).stat().st_size / 1024:.0f} KiB) in "
              f"{time.perf_counter() - t0:.1f} s")
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """One short sequence at a time: one thread beats two that spin (see verify.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def reference_prompts(tok: Tokenizer, prompts_file: str | os.PathLike[str] | None) -> list[Prompt]:

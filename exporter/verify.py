@@ -100,10 +100,15 @@ class _OrtStepper:
 def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] | None, *,
                   manifest: Manifest | None = None, variant: str | None = None,
                   steps: int = 6, reference: Any = None, graph: str = "standard",
-                  progress: Progress = lambda _: None) -> ParityReport:
+                  progress: Progress = lambda _: None,
+                  reference_cache: dict[bytes, np.ndarray] | None = None) -> ParityReport:
     """Compare ``variant`` of ``bundle`` (its ``graph``: standard | ort) with the PyTorch
-    original; raise ParityError on failure."""
-    import torch
+    original; raise ParityError on failure.
+
+    ``reference_cache`` (one dict shared by calls with the same ``reference``) keeps the
+    reference's logits per input: both graphs of a bundle are fed the same prompts and the
+    reference's own greedy tokens, so the second graph's check costs no PyTorch forward (on a
+    1.5B model each full recompute is seconds)."""
 
     bundle = Path(bundle)
     manifest = manifest or Manifest.load(bundle)
@@ -115,13 +120,11 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     if reference is None:
         from .reference import load_reference
         reference = load_reference(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few short sequences: one thread is faster than two that spin
-    try:
-        with _ort_failures(variant, graph):
-            report = _compare(ours, reference, bundle, manifest, variant, graph, steps)
-    finally:
-        torch.set_num_threads(threads)
+    from .reference import reference_threads
+
+    with reference_threads(reference), _ort_failures(variant, graph):
+        report = _compare(ours, reference, bundle, manifest, variant, graph, steps,
+                          {} if reference_cache is None else reference_cache)
     progress("parity " + report.summary())
     if not report.passed:
         raise ParityError(f"parity check failed for {report.summary()}: the export does not match "
@@ -145,10 +148,23 @@ def _ort_failures(variant: str, graph: str) -> Iterator[None]:
                           f"({first}): {fix}") from None
 
 
-def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest, variant: str,
-             graph: str, steps: int) -> ParityReport:
+def _reference_logits(reference: Any, ids: np.ndarray, mask: np.ndarray,
+                      cache: dict[bytes, np.ndarray]) -> np.ndarray:
+    """The reference's logits over the whole (left-padded) batch, no KV cache; memoized."""
     import torch
 
+    key = np.asarray(ids.shape, dtype=np.int64).tobytes() + ids.tobytes() + mask.tobytes()
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = reference(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(positions_from_mask(mask, mask.shape[1])),
+                use_cache=False).logits.float().numpy()
+    return cache[key]
+
+
+def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest, variant: str,
+             graph: str, steps: int, cache: dict[bytes, np.ndarray]) -> ParityReport:
     precision = str(manifest.variant(variant).get("precision", variant))
     pad = manifest.tokenizer.get("pad_token_id") or 0
     ids, mask = left_pad(_prompt_ids(bundle, manifest, manifest.vocab_size), pad)
@@ -160,12 +176,7 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
     for _ in range(steps + 1):
         pos = positions_from_mask(full_mask, step_ids.shape[1])
         got = ours.step(step_ids, full_mask, pos)
-        with torch.no_grad():
-            ref = reference(input_ids=torch.from_numpy(full_ids),
-                            attention_mask=torch.from_numpy(full_mask),
-                            position_ids=torch.from_numpy(positions_from_mask(full_mask, full_mask.shape[1])),
-                            use_cache=False).logits.float().numpy()
-        ref = ref[:, -got.shape[1]:, :]
+        ref = _reference_logits(reference, full_ids, full_mask, cache)[:, -got.shape[1]:, :]
         valid = full_mask[:, -got.shape[1]:].astype(bool)  # skip pad query positions
         errs.append(np.abs(got - ref)[valid].max(axis=-1))
         agree.append((got.argmax(-1) == ref.argmax(-1))[valid])

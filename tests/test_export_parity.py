@@ -10,6 +10,7 @@ the standard graph (plain ONNX ops, for TensorRT) and the ONNX-Runtime graph (co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -69,6 +70,28 @@ def test_last_logits_only_matches(tiny_source: Path, tmp_path: Path) -> None:
     assert m.outputs("fp32")[0].dims == ("batch", 1, m.vocab_size)
     report = verify_bundle(bundle, tiny_source, reference=load_reference(tiny_source))
     assert report.max_abs_err <= 1e-4
+
+
+def test_second_graph_reuses_the_reference_forwards(tiny_bundle: Path, tiny_source: Path) -> None:
+    """Export checks both graphs on the same inputs: the PyTorch original runs once per step
+    (on the 1.5B each full recompute costs seconds), and the reports stay what they were."""
+    ref = load_reference(tiny_source)
+    calls: list[int] = []
+    real_forward = ref.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    ref.forward = counting_forward
+    cache: dict[bytes, Any] = {}
+    reports = [verify_bundle(tiny_bundle, tiny_source, reference=ref, graph=g, steps=4,
+                             reference_cache=cache) for g in ("standard", "ort")]
+    assert len(calls) == 5  # prefill + 4 decode steps, for the standard graph only
+    uncached = verify_bundle(tiny_bundle, tiny_source, reference=ref, graph="ort", steps=4)
+    assert len(calls) == 10
+    assert uncached.to_dict() == reports[1].to_dict()
+    assert all(r.passed and r.max_abs_err <= 1e-4 for r in reports)
 
 
 def test_manifest_contents(tiny_bundle: Path) -> None:
