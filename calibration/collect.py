@@ -9,9 +9,7 @@ tensors (legacy TensorRT cache) only the absolute maximum.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import onnx
 
 from llama_export.runtime.manifest import Manifest
+from llama_export.runtime.tempnames import temp_file
 
 from .data import Feed, empty_past, past_from_outputs, prefill_feed
 from .graph import ort_session
@@ -50,19 +49,24 @@ class TensorStats:
         self.channel_amax = cmax if self.channel_amax is None else np.maximum(
             self.channel_amax, cmax)
         keys = self.rng.random(len(flat))
+        fresh = False  # does ``flat`` own its memory (never keep a view of ORT's output)?
         if self.rows is not None and self._keys is not None:
             if len(self.rows) + len(flat) > self.max_rows:
                 # only rows that can still make the sample are copied
                 cut = np.partition(np.concatenate([self._keys, keys]),
                                    self.max_rows - 1)[self.max_rows - 1]
                 new = keys <= cut
+                if not new.any():
+                    return  # the sample is unchanged (the common case late in a long run)
                 flat, keys = flat[new], keys[new]
-            flat = np.concatenate([self.rows, flat])
+            flat = np.concatenate([self.rows, flat.astype(np.float32, copy=False)])
             keys = np.concatenate([self._keys, keys])
+            fresh = True
         if len(flat) > self.max_rows:
             keep = np.sort(np.argpartition(keys, self.max_rows - 1)[: self.max_rows])
             flat, keys = flat[keep], keys[keep]
-        self.rows = np.array(flat, dtype=np.float32, copy=True)  # never a view of ORT's output
+            fresh = True
+        self.rows = flat.astype(np.float32, copy=not fresh)
         self._keys = keys
 
     def finish(self) -> None:
@@ -92,16 +96,15 @@ def collect_stats(model: onnx.ModelProto | Path, manifest: Manifest, segments: n
     row_tensors, amax_tensors = list(row_tensors), list(amax_tensors)
     if isinstance(model, Path):
         graph = onnx.load(str(model), load_external_data=False)
-        fd, tmp = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=model.parent)
-        os.close(fd)
+        tmp = temp_file(model.parent, "calibrate")
         try:
             _with_outputs(graph, [*row_tensors, *amax_tensors])
-            Path(tmp).write_bytes(graph.SerializeToString())
-            return _collect(Path(tmp), manifest, segments, row_tensors=row_tensors,
+            tmp.write_bytes(graph.SerializeToString())
+            return _collect(tmp, manifest, segments, row_tensors=row_tensors,
                             amax_tensors=amax_tensors, decode_steps=decode_steps,
                             max_rows=max_rows)
         finally:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
     have = len(model.graph.output)
     _with_outputs(model, [*row_tensors, *amax_tensors])
     try:

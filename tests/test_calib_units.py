@@ -260,6 +260,32 @@ def test_tensor_stats_sample_is_bounded_uniform_and_exact() -> None:
     assert abs(origin.mean() - 49.5) < 8 and (origin < 20).sum() > 25 and (origin >= 80).sum() > 25
 
 
+def test_tensor_stats_keeps_the_sample_when_no_new_row_makes_it() -> None:
+    """A full sample is not copied again by a chunk none of whose rows wins a place (late in
+    a long run, almost every chunk), and the rows kept never alias the caller's array."""
+
+    class Keys:  # the sampling keys: what a chunk draws decides whether it enters the sample
+        def __init__(self) -> None:
+            self.next = 0.5
+
+        def random(self, n: int) -> np.ndarray:
+            return np.full(n, self.next)
+
+    keys = Keys()
+    st = TensorStats(max_rows=4, rng=keys)  # type: ignore[arg-type]
+    first = np.ones((1, 4, 3), np.float32)
+    st.update(first, keep_rows=True)
+    first[:] = 7  # ORT reuses output buffers: the sample must not change with them
+    assert st.rows is not None and (st.rows == 1).all()
+    kept = st.rows
+    keys.next = 0.9  # above every kept key: no row enters
+    st.update(np.full((1, 2, 3), -5, np.float32), keep_rows=True)
+    assert st.rows is kept and st.amax == 5.0  # statistics still see every row
+    keys.next = 0.1  # below every kept key: both rows enter, two old ones leave
+    st.update(np.full((1, 2, 3), 2, np.float32), keep_rows=True)
+    assert st.rows is not kept and sorted(st.rows[:, 0].tolist()) == [1, 1, 2, 2]
+
+
 def test_save_model_leaves_the_model_untouched_and_unduplicated(tmp_path: Path) -> None:
     """save_model writes large tensors from the model without moving their bytes out and back:
     protobuf frees none of a message's bytes until the whole message goes, so putting them
