@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import onnx
 
 from llama_export.runtime.errors import BundleError
 from llama_export.runtime.manifest import Manifest
+from llama_export.runtime.tempnames import temp_dir
 
 from .graph import save_model
 from .nbits import fuse_matmul_nbits
@@ -76,7 +76,7 @@ def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.Model
                   ort_model: onnx.ModelProto | None = None) -> None:
     """Save ``model`` as ``entry["file"]`` (+ text files ``extra``, + ``ort_model`` as
     ``entry["ort_graph"]["file"]``) and record the variant."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=bundle))
+    tmp = temp_dir(bundle, name)
     try:
         data_file = save_model(model, tmp / entry["file"])
         entry["data_file"] = data_file

@@ -20,6 +20,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from llama_export.runtime.errors import CalibrationError, InputError
 from llama_export.runtime.manifest import Manifest
+from llama_export.runtime.tempnames import sweep_leftovers
 from llama_export.runtime.tokenizer import Tokenizer
 
 from .accuracy import Gate, GenreAccuracy, compare, genre_logits
@@ -133,6 +134,7 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     per candidate ran Qwen2.5-Coder-0.5B out of 24 GB (23.0 GB peak when killed)."""
     check_options(opts)
     manifest, fp32_file = fp32_source(bundle)
+    sweep_leftovers(bundle, log)
     tok = Tokenizer.from_bundle(bundle, manifest.tokenizer)
     text = load_text(opts.data)
     segments = token_segments(text, tok, samples=opts.samples, seq_len=opts.seq_len)
@@ -418,6 +420,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
     if opts.fmt not in FORMATS:
         raise InputError(f"--format {opts.fmt} is unknown: use {', '.join(FORMATS)}")
     manifest, fp32_file = fp32_source(bundle)
+    sweep_leftovers(bundle, log)
     held, held_src = eval_segments(Tokenizer.from_bundle(bundle, manifest.tokenizer), opts.eval,
                                    None)
     # Reference logits from the bundle's own file first, the graph loaded after: a 1.5B model's

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ import torch
 from llama_export.runtime.backends.base import logits_window
 from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.manifest import FORMAT_VERSION, Manifest, kv_io_entries
+from llama_export.runtime.tempnames import sweep_leftovers, temp_dir
 
 from .config import LlamaConfig
 from .hf_compat import check_transformers
@@ -100,7 +100,8 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
         progress(f"skipping the ONNX-Runtime graph: {skipped} (the standard graph is complete)")
         opts = replace(opts, ort_graph=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    sweep_leftovers(out.parent, progress, label=out.name)  # an earlier export killed hard
+    tmp = temp_dir(out.parent, out.name)
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
     try:
         manifest = _build(src, tmp, opts, progress)
@@ -149,7 +150,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
