@@ -31,7 +31,16 @@ def fp32_source(bundle: Path) -> tuple[Manifest, Path]:
         have = ", ".join(sorted(manifest.variants)) or "none"
         raise BundleError(f"bundle {bundle} has no fp32 variant (has: {have}): quantization "
                           "starts from fp32; re-export with `llama-export onnx --dtype fp32`")
-    manifest.verify_files(bundle, manifest.files_of_variant(SOURCE_VARIANT))
+    files = manifest.files_of_variant(SOURCE_VARIANT)
+    manifest.verify_files(bundle, files)
+    for rel in files:
+        links = (bundle / rel).stat().st_nlink
+        if links > 1 and rel.endswith(".data"):
+            # onnx's external-data reader refuses such a file (its hard-link attack guard),
+            # deep inside the weight loop: say so before any work
+            raise BundleError(f"{bundle / rel} has {links} hard links and onnx refuses to read "
+                              "weights from a hard-linked file: copy the bundle with `cp -r` "
+                              "(not `cp -al` or `ln`) and quantize the copy")
     return manifest, bundle / manifest.variant(SOURCE_VARIANT)["file"]
 
 

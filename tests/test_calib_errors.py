@@ -84,6 +84,24 @@ def test_bundle_without_fp32_variant(bundle: Path, command: list[str],
     assert _snapshot(bundle) == before
 
 
+@pytest.mark.parametrize("command", [["calibrate"], ["quantize", "--int4"], ["quantize", "--fp16"]])
+def test_hard_linked_weights_are_refused_up_front(bundle: Path, tmp_path: Path,
+                                                  command: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A bundle copied with `cp -al` shares its data file by hard link; onnx's weight reader
+    refuses such a file (a traceback from deep inside the weight loop, seen on the 1.5B)."""
+    data = bundle / "model.onnx.data"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.onnx.data").hardlink_to(data)
+    before = _snapshot(bundle)
+    code, err = _run([*command, str(bundle)], capsys)
+    assert code == 2
+    assert err == (f"error: {data} has 2 hard links and onnx refuses to read weights from a "
+                   "hard-linked file: copy the bundle with `cp -r` (not `cp -al` or `ln`) and "
+                   "quantize the copy")
+    assert _snapshot(bundle) == before
+
+
 def test_failed_gate_writes_nothing(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _snapshot(bundle)
     code, err = _run(["calibrate", str(bundle), "--samples", "2", "--seq-len", "32",
