@@ -152,7 +152,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = out.with_name(f".{out.name}.{os.getpid()}.old.tmp")
+    # not a sweepable temp name: killed between the two renames, this is the user's bundle
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

@@ -56,9 +56,11 @@ def test_label_limits_the_sweep_to_one_output(tmp_path: Path) -> None:
     dead = _dead_pid()
     other = _fake(tmp_path, f".other.{dead}.abcd1234.tmp")
     ours = _fake(tmp_path, f".bundle.{dead}.abcd1234.tmp")
+    # an export killed between its two renames leaves the previous bundle under this name
+    previous = _fake(tmp_path, f".bundle.old-{dead}")
     assert leftovers(tmp_path, label="bundle") == [ours]
     sweep_leftovers(tmp_path, lambda _: None, label="bundle")
-    assert other.exists() and not ours.exists()
+    assert other.exists() and not ours.exists() and previous.exists()
 
 
 def test_legacy_names_only_when_old(tmp_path: Path) -> None:
