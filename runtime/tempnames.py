@@ -38,8 +38,6 @@ def temp_file(folder: Path, label: str) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,9 +47,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def leftovers(folder: Path, label: str | None = None, now: float | None = None) -> list[Path]:
+def leftovers(folder: Path, label: str | None = None) -> list[Path]:
     """Temp entries of ``folder`` whose writer is gone (only ``label``'s when given)."""
-    now = time.time() if now is None else now
+    now = time.time()
     out = []
     try:
         entries = list(folder.iterdir())
