@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,22 @@ def test_not_started_engine_is_503(tiny: Any) -> None:
     assert r.json()["error"]["type"] == "service_unavailable"
 
 
-def test_full_queue_is_429_with_retry_after(tiny: Any) -> None:
+def test_full_queue_is_429_with_retry_after(tiny: Any, hold_forwards: Any) -> None:
     with Engine(tiny, EngineOptions(slots=1, max_queue=0)) as engine:
-        busy = engine.submit_sync(tiny.encode("ab"), RequestOptions(max_tokens=120,
-                                                                    ignore_eos=True))
-        deadline = time.monotonic() + 10
-        while engine.snapshot().running == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        r = TestClient(create_app(engine)).post("/v1/completions",
-                                                json={"prompt": "hi", "max_tokens": 2})
-        busy.cancel()
+        answered = threading.Event()
+        with hold_forwards(engine, answered.is_set):  # the slot stays busy until the 429
+            busy = engine.submit_sync(tiny.encode("ab"), RequestOptions(max_tokens=120,
+                                                                        ignore_eos=True))
+            deadline = time.monotonic() + 10
+            while engine.snapshot().running == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            try:
+                r = TestClient(create_app(engine)).post("/v1/completions",
+                                                        json={"prompt": "hi", "max_tokens": 2})
+            finally:
+                busy.cancel()
+                answered.set()
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
 

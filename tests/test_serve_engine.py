@@ -132,12 +132,16 @@ def test_row_layout_logits_are_bitwise_solo(tiny: Any) -> None:
     assert rb.slot == 0 and layout.copied_positions == len(b) + 1 and layout.used == 1
 
 
-def test_cancel_frees_the_slot(tiny: Any) -> None:
+def test_cancel_frees_the_slot(tiny: Any, hold_forwards: Any) -> None:
     with Engine(tiny, EngineOptions(slots=1, max_queue=4)) as engine:
-        long = engine.submit_sync(tiny.encode("abc"), RequestOptions(max_tokens=100, ignore_eos=True))
-        it = iter(long)
-        next(it)
-        it.close()  # abandoning the iterator cancels
+        cancelled = [False]
+        with hold_forwards(engine, lambda: cancelled[0], free=1):  # prefill only, then wait
+            long = engine.submit_sync(tiny.encode("abc"),
+                                      RequestOptions(max_tokens=100, ignore_eos=True))
+            it = iter(long)
+            next(it)
+            it.close()  # abandoning the iterator cancels
+            cancelled[0] = True
         _, last = engine.submit_sync(tiny.encode("abc"), RequestOptions(max_tokens=3)).text()
         snap = engine.snapshot()
     assert last.finish_reason in ("length", "eos")
@@ -178,11 +182,13 @@ def test_drain_finishes_running_requests(tiny: Any) -> None:
     assert not engine.running
 
 
-def test_stop_without_drain_cancels(tiny: Any) -> None:
+def test_stop_without_drain_cancels(tiny: Any, hold_forwards: Any) -> None:
     engine = Engine(tiny, EngineOptions(slots=1)).start()
-    streams = [engine.submit_sync(tiny.encode(p), RequestOptions(max_tokens=100, ignore_eos=True))
-               for p in ("ab", "cd")]
-    engine.stop(drain=False)
+    with hold_forwards(engine, lambda: not engine._accepting):  # nothing ends before stop()
+        streams = [engine.submit_sync(tiny.encode(p),
+                                      RequestOptions(max_tokens=100, ignore_eos=True))
+                   for p in ("ab", "cd")]
+        engine.stop(drain=False)
     assert {s.text()[1].finish_reason for s in streams} == {"cancelled"}
 
 
