@@ -18,6 +18,15 @@ once, so the session's load peak sits one largest tensor above its resident size
 SmolLM2's int4 ONNX-Runtime graph (bare session): one 28 MB lm_head, peak 232 MB (206 MB
 after load); in 4 slices of 7 MB, 210 MB (204 MB). A 1.5B model's 8-bit lm_head is 233 MB.
 Each output column is the same dot product either way: the split is exact (tested).
+
+Slices cost decode time, though: each one is its own kernel call (thread-pool dispatch, the
+activation quantized again at accuracy level 4) and the Concat copies the result. On the
+Qwen2.5-1.5B int8 graph with every weight above 8 MB sliced (gate/up/down in 2, the lm_head
+in 28), a decode step took 110.7 ms against 101.5 ms with none sliced (medians of 5
+interleaved runs; onnxruntime-genai's unsliced graph 103.0 ms). So the slice size scales with
+the model: a weight is split only above 1/16 of all packed weights (at least 8 MB), which
+bounds the load peak to ~6 % above the resident size and leaves every per-layer weight of a
+0.5–8B model whole; in practice only a large-vocabulary lm_head is split, into a few slices.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ MS_DOMAIN = "com.microsoft"
 # `session.qdq_matmulnbits_accuracy_level` says otherwise: int8 activations inside the kernel.
 DEFAULT_ACCURACY_LEVEL = 4
 _BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4}
-# Largest packed weight one MatMulNBits holds; larger ones are split by columns (docstring).
+# A packed weight above max(MAX_PACKED_BYTES, all packed weights / SLICE_SHARE) is split by
+# columns (docstring: the load peak against the decode cost of slices).
 MAX_PACKED_BYTES = 8 << 20
+SLICE_SHARE = 16
 _SLICE_ALIGN = 16  # column slices start on multiples of 16 (the kernels' column tiles)
 
 
@@ -84,30 +95,49 @@ def column_slices(n: int, nbytes: int, max_bytes: int) -> list[tuple[int, int]]:
     return [(a, min(a + width, n)) for a in range(0, n, width)]
 
 
+def slice_limit(total_packed_bytes: int) -> int:
+    """The largest packed weight kept in one MatMulNBits for a model whose packed weights
+    total ``total_packed_bytes`` (module docstring)."""
+    return max(MAX_PACKED_BYTES, total_packed_bytes // SLICE_SHARE)
+
+
+def _fusable(idx: GraphIndex, mm: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.TensorProto,
+                                                            int] | None:
+    """``(DequantizeLinear, weight, block)`` when ``mm`` is a MatMul this module fuses."""
+    if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+        return None
+    dq = idx.producer.get(mm.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(idx.consumers[dq.output[0]]) != 1:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    block = int(attrs.get("block_size", 0))
+    if int(attrs.get("axis", 1)) != 0 or block < 16 or block & (block - 1):
+        return None
+    w = idx.inits.get(dq.input[0])
+    if w is None or w.data_type not in _BITS or len(w.dims) != 2 or \
+            any(idx.const_name(i) is None for i in dq.input[1:]):
+        return None
+    return dq, w, block
+
+
 def fuse_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-                      max_bytes: int = MAX_PACKED_BYTES) -> tuple[onnx.ModelProto, int]:
+                      max_bytes: int | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace every ``MatMul(X, DequantizeLinear(W, scale[, zp]))`` with constant, 2-D,
     blocked (``axis=0``) int8/int4/uint4 weights by ``MatMulNBits`` (in place; returns the
     model and the count of fused MatMuls): one node, or one per column slice + ``Concat`` when
-    the packed weight exceeds ``max_bytes``. Anything else is left as it is."""
+    the packed weight exceeds ``max_bytes`` (default: :func:`slice_limit` of this model's
+    packed weights). Anything else is left as it is."""
     idx = GraphIndex(model)
     position = {o: i for i, nd in enumerate(model.graph.node) for o in nd.output}
+    found = [(pos, mm, hit) for pos, mm in enumerate(model.graph.node)
+             if (hit := _fusable(idx, mm)) is not None]
+    if max_bytes is None:
+        max_bytes = slice_limit(sum(
+            int(w.dims[1]) * _ceil_div(int(w.dims[0]), block) * block * _BITS[w.data_type] // 8
+            for _, _, (_, w, block) in found))
     dead: set[int] = set()  # positions of the fused DequantizeLinear nodes
     fused: dict[int, list[onnx.NodeProto]] = {}
-    for pos, mm in enumerate(model.graph.node):
-        if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
-            continue
-        dq = idx.producer.get(mm.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(idx.consumers[dq.output[0]]) != 1:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        block = int(attrs.get("block_size", 0))
-        if int(attrs.get("axis", 1)) != 0 or block < 16 or block & (block - 1):
-            continue
-        w = idx.inits.get(dq.input[0])
-        if w is None or w.data_type not in _BITS or len(w.dims) != 2 or \
-                any(idx.const_name(i) is None for i in dq.input[1:]):
-            continue
+    for pos, mm, (dq, w, block) in found:
         bits = _BITS[w.data_type]
         # int4/uint4 arrive as ml_dtypes' 4-bit types: plain int8/uint8 from here on
         q = numpy_helper.to_array(w).astype(np.uint8 if w.data_type == TensorProto.UINT4

@@ -117,3 +117,40 @@ def test_large_weights_split_by_columns_exactly(case: str) -> None:
     assert column_slices(49152, 28 << 20, 8 << 20) == [(0, 12288), (12288, 24576),
                                                       (24576, 36864), (36864, 49152)]
     assert column_slices(100, 10, 1 << 20) == [(0, 100)]
+
+
+def test_slice_size_scales_with_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a weight is split only above 1/16 of all packed weights (at least
+    MAX_PACKED_BYTES, patched down here to keep the weights small): in a two-MatMul chain the
+    small "layer" weight above the floor stays whole, the large "head" is split, and the
+    result equals the unsplit graph's bit for bit."""
+    from llama_export.calibration import nbits
+
+    monkeypatch.setattr(nbits, "MAX_PACKED_BYTES", 1024)
+    rng = np.random.default_rng(2)
+    k, n1, n2, block = 64, 64, 1024, 32  # packed int8: 4 KB "layer", 64 KB "head"
+    inits, nodes = [], []
+    for name, (kk, nn), x, y in (("a", (k, n1), "x", "h"), ("b", (n1, n2), "h", "y")):
+        inits += [numpy_helper.from_array(rng.integers(-128, 128, (kk, nn)).astype(np.int8),
+                                          f"{name}.quant"),
+                  numpy_helper.from_array(rng.uniform(0.01, 0.05, (kk // block, nn))
+                                          .astype(np.float32), f"{name}.scale")]
+        nodes += [helper.make_node("DequantizeLinear", [f"{name}.quant", f"{name}.scale"],
+                                   [f"{name}.dq"], axis=0, block_size=block),
+                  helper.make_node("MatMul", [x, f"{name}.dq"], [y], name=f"mm_{name}")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["M", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n2])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    assert nbits.slice_limit(4096 + 65536) == (4096 + 65536) // 16 == 4352
+    fused, count = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()))
+    widths = {nd.name: next(a.i for a in nd.attribute if a.name == "N")
+              for nd in fused.graph.node if nd.op_type == "MatMulNBits"}
+    assert count == 2 and widths["mm_a_nbits"] == n1  # 4096 B <= 4352 B: whole
+    head = [w for name, w in widths.items() if name.startswith("mm_b_nbits_")]
+    assert len(head) == 16 and sum(head) == n2  # 65536 B in slices of <= 4352 B
+    whole, _ = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()),
+                                 max_bytes=1 << 30)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_array_equal(_run(fused, x, optimize=True), _run(whole, x, optimize=True))
