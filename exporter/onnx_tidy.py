@@ -60,6 +60,27 @@ def rename_matmul_weights(model: onnx.ModelProto) -> int:
     return len(renames)
 
 
+def drop_unused_norm_statistics(model: onnx.ModelProto) -> int:
+    """Leave SkipSimplifiedLayerNormalization's optional outputs 1 and 2 (mean, inverse std,
+    for training) unnamed when nothing reads them: a TorchScript symbolic cannot emit an empty
+    output, and ONNX Runtime computes and writes whatever is named. onnxruntime-genai's graphs
+    leave them empty too. Returns the count of outputs dropped."""
+    g = model.graph
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    dropped = set()
+    for node in g.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization" and node.domain == "com.microsoft":
+            for i in (1, 2):
+                if i < len(node.output) and node.output[i] and node.output[i] not in read:
+                    dropped.add(node.output[i])
+                    node.output[i] = ""
+    kept = [v for v in g.value_info if v.name not in dropped]
+    if len(kept) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(kept)
+    return len(dropped)
+
+
 def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]]) -> str:
     """Tidy each ``(src, dst)``; all weights go into one shared ``<first dst>.data`` (its name
     returned), whatever the size: weights inside the protobuf would cost twice their size in
@@ -88,6 +109,7 @@ def _load_tidy(src: Path) -> onnx.ModelProto:
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
     rename_matmul_weights(model)
+    drop_unused_norm_statistics(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     model.producer_name = "llama-export"
     return model
