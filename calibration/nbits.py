@@ -41,7 +41,7 @@ MS_DOMAIN = "com.microsoft"
 # What ONNX Runtime's DQ+MatMul fusion gives the node on CPU unless the session config
 # `session.qdq_matmulnbits_accuracy_level` says otherwise: int8 activations inside the kernel.
 DEFAULT_ACCURACY_LEVEL = 4
-_BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4}
+_BITS: dict[int, int] = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4}
 # A packed weight above max(MAX_PACKED_BYTES, all packed weights / SLICE_SHARE) is split by
 # columns (docstring: the load peak against the decode cost of slices).
 MAX_PACKED_BYTES = 8 << 20
