@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,23 +164,20 @@ def start_server():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def hold_forwards():  # type: ignore[no-untyped-def]
+def hold_forwards() -> Callable[..., AbstractContextManager[None]]:
     """``hold_forwards(engine, until, free=0)``: a context in which the serve engine's forwards
     after the first ``free`` wait until ``until()`` is true (polled, at most 30 s), so a test of
     "busy", "cancelled" or "stopped" never races a fast machine finishing the request first."""
-    import contextlib
-    import time
-    from collections.abc import Callable, Iterator
-    from typing import Any
 
     @contextlib.contextmanager
     def hold(engine: Any, until: Callable[[], bool], free: int = 0) -> Iterator[None]:
-        run, calls = engine.layout.run, [0]
+        run, calls = engine.layout.run, 0
 
         def held_run(*a: Any, **k: Any) -> Any:
-            calls[0] += 1
+            nonlocal calls
+            calls += 1
             deadline = time.monotonic() + 30
-            while calls[0] > free and not until():
+            while calls > free and not until():
                 if time.monotonic() > deadline:
                     raise RuntimeError("hold_forwards: the test never released the forwards")
                 time.sleep(0.001)

@@ -184,7 +184,7 @@ def test_drain_finishes_running_requests(tiny: Any) -> None:
 
 def test_stop_without_drain_cancels(tiny: Any, hold_forwards: Any) -> None:
     engine = Engine(tiny, EngineOptions(slots=1)).start()
-    with hold_forwards(engine, lambda: not engine._accepting):  # nothing ends before stop()
+    with hold_forwards(engine, lambda: not engine.running):  # nothing ends before stop()
         streams = [engine.submit_sync(tiny.encode(p),
                                       RequestOptions(max_tokens=100, ignore_eos=True))
                    for p in ("ab", "cd")]
