@@ -9,7 +9,8 @@ runtime's own backend and KV cache: the ONNX-Runtime graph on CPU) and, with ``-
 an onnxruntime-genai model folder fed the way genai feeds it (past and present bound to one
 buffer per layer, ``attention_mask`` of the total length). Prints, per graph, the median wall
 time of a decode step, the mean kernel time per op type, MatMulNBits per weight shape (the
-kernels that read the weights), and the process's peak RSS. The first quarter of the decode
+kernels that read the weights), and each process's peak RSS (each graph runs in its own;
+compare_peers.py is the memory comparison of record). The first quarter of the decode
 steps is left out (warm-up). Profiling adds a little time to every node; compare the
 breakdowns, and time the engines with compare_peers.py.
 
@@ -22,8 +23,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +34,9 @@ from typing import Any
 import numpy as np
 
 
-def session_options(ort: Any, threads: int, prefix: str) -> Any:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
+def profiled(so: Any, prefix: str) -> Any:
+    """``so`` (the runtime's own session settings: optimization level, sequential execution,
+    spinning threads) with ONNX Runtime's profiler on."""
     so.enable_profiling, so.profile_file_prefix = True, prefix
     return so
 
@@ -49,12 +47,11 @@ def prompt_ids(n: int) -> np.ndarray:
 
 def ours(bundle: Path, variant: str, prompt_len: int, steps: int, threads: int,
          prefix: str) -> tuple[str, list[float]]:
-    import onnxruntime as ort
-
     from llama_export.runtime import load_bundle
     from llama_export.runtime.backends import ort as ort_backend
 
-    ort_backend._session_options = lambda _ort, _opts: session_options(ort, threads, prefix)
+    runtime_options = ort_backend._session_options
+    ort_backend._session_options = lambda o, opts: profiled(runtime_options(o, opts), prefix)
     backend = load_bundle(bundle, variant, threads=threads, verify=False).backend
     cache = backend.new_cache(1, prompt_len + steps + 1)
     logits = backend.forward(prompt_ids(prompt_len), np.arange(prompt_len)[None], None, cache)
@@ -71,9 +68,11 @@ def genai(folder: Path, prompt_len: int, steps: int, threads: int,
           prefix: str) -> tuple[str, list[float]]:
     import onnxruntime as ort
 
+    from llama_export.runtime.backends.ort import OrtOptions, _session_options
+
+    so = profiled(_session_options(ort, OrtOptions(threads=threads)), prefix)
     cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    sess = ort.InferenceSession(str(folder / cfg["filename"]),
-                                session_options(ort, threads, prefix),
+    sess = ort.InferenceSession(str(folder / cfg["filename"]), so,
                                 providers=["CPUExecutionProvider"])
     io = sess.io_binding()
     shape = [1, cfg["num_key_value_heads"], prompt_len + steps + 1, cfg["head_size"]]
@@ -139,25 +138,25 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=("ours", "genai"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 8:
         sys.exit("--steps must be at least 8")
+    if args.side is None:  # each graph in a process of its own: its own peak RSS
+        for side in ("genai",) * (args.genai is not None) + ("ours",):
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True)
+        return
     from llama_export.runtime.bench import peak_rss_mb
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.genai is not None:  # genai first: our runtime's import stays out of its peak
-            pid = os.fork()
-            if pid == 0:
-                report(f"genai {args.genai.name}",
-                       *genai(args.genai, args.prompt_len, args.steps, args.threads,
-                              f"{tmp}/genai"))
-                print(f"   peak RSS {peak_rss_mb():.0f} MB", flush=True)
-                os._exit(0)
-            os.waitpid(pid, 0)
-        report(f"ours {args.bundle.name} {args.variant}",
-               *ours(args.bundle, args.variant, args.prompt_len, args.steps, args.threads,
-                     f"{tmp}/ours"))
-        print(f"   peak RSS {peak_rss_mb():.0f} MB", flush=True)
+        if args.side == "genai":
+            report(f"genai {args.genai.name}", *genai(args.genai, args.prompt_len, args.steps,
+                                                      args.threads, f"{tmp}/genai"))
+        else:
+            report(f"ours {args.bundle.name} {args.variant}",
+                   *ours(args.bundle, args.variant, args.prompt_len, args.steps, args.threads,
+                         f"{tmp}/ours"))
+    print(f"   peak RSS {peak_rss_mb():.0f} MB (both processes import our runtime)", flush=True)
 
 
 if __name__ == "__main__":
