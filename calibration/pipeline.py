@@ -53,6 +53,7 @@ from .weight_only import (
 KEEP_FLOAT_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
 EXCLUDED_WEIGHTS = ("int8", "float")
 EXCLUDED_BLOCK = 32
+ORT_INT8_BLOCK = 128  # the int8 ONNX-Runtime graph's largest blocks (int8_ort_graph)
 CACHE_FILE = "model.int8.calib.cache"
 
 
@@ -78,6 +79,7 @@ class CalibrateOptions:
     # this graph is TensorRT's, which documents INT8 only with quantized activations.
     excluded_weights: str = "float"
     lm_head: str = "float"          # "float" | "int8" (weight-only blocks; activations stay float)
+    ort_block: int = ORT_INT8_BLOCK  # the ONNX-Runtime graph's int8 blocks (at most; BLOCK_SIZES)
     trt_version: int = DEFAULT_TRT_VERSION
     eval: EvalOptions = field(default_factory=EvalOptions)
 
@@ -103,6 +105,9 @@ def check_options(opts: CalibrateOptions) -> None:
                          f"{' or '.join(EXCLUDED_WEIGHTS)}")
     if opts.keep_float is not None and opts.keep_float < 0:
         raise InputError(f"--keep-float {opts.keep_float} is negative: pass 0 or more")
+    if opts.ort_block not in BLOCK_SIZES:
+        raise InputError(f"--ort-block-size {opts.ort_block} is not supported: use "
+                         f"{', '.join(map(str, BLOCK_SIZES))}")
 
 
 @dataclass
@@ -193,9 +198,14 @@ VALIDATION = " validation"  # not a held-out genre's name
 def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
                    entry: dict[str, Any]) -> onnx.ModelProto | None:
     """The int8 variant's ONNX-Runtime graph (None without an fp32 one): int8 weights in blocks
-    of 32, which ONNX Runtime runs as MatMulNBits with int8 activations quantized per block at
-    run time (``accuracy_level`` 4): dynamic W8A8, the form ONNX Runtime's CPU kernels are
-    fastest in (onnxruntime-genai's int8). Static Q/DQ activations (the standard graph, for
+    of ``opts.ort_block`` (:func:`fitted_block`), which ONNX Runtime runs as MatMulNBits with
+    int8 activations quantized per block at run time (``accuracy_level`` 4): dynamic W8A8, the
+    form ONNX Runtime's CPU kernels are fastest in (onnxruntime-genai's int8, in blocks of 32).
+    Blocks of 128 by default: each block carries a float scale (and MLAS prepacks per-block
+    sums), 12.5 % of the weight bytes at 32 and 3 % at 128. Measured on Qwen2.5-Coder-1.5B
+    (interleaved): decode step 85-93 vs 102-108 ms, peak RSS 1902 vs 2317 MB, a 9-token
+    verification 179-201 vs 236-246 ms; held-out accuracy +0.07 % / 97.7 % top-1 (KL 0.014)
+    vs -0.23 % / 98.7 % (KL 0.002) at 32. SmolLM2: +1.31 % / 95.0 % vs +0.54 % / 96.4 %. Static Q/DQ activations (the standard graph, for
     TensorRT) would run as MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
     lm_head is int8 here whatever ``--lm-head`` says for the W8A8 graph: weight-only, its
     input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
@@ -204,15 +214,18 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is None:
         return None
-    model, _ = quantize_weight_only(fp32_ort, bits=8, block=EXCLUDED_BLOCK,
-                                    include_lm_head=True, in_place=True, base_dir=bundle)
+    model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
+                                    int8_block=opts.ort_block, include_lm_head=True,
+                                    in_place=True, base_dir=bundle)
     acc = ev.score(model)
     log(f"ort graph: {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry["ort_graph"] = {
         **ort_graph_entry(manifest, "model.int8.ort.onnx"),
         "scheme": "int8 weight-only blocks (dynamic int8 activations inside MatMulNBits)",
-        "weights": f"int8 symmetric, blocks of {EXCLUDED_BLOCK} along K",
+        "weights": f"int8 symmetric, blocks of {opts.ort_block} along K (smaller where K is "
+                   "not a multiple: the largest power of two >= 32 dividing it)",
+        "block_size": opts.ort_block,
         "lm_head": "int8",
         "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
     return model

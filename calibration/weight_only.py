@@ -45,6 +45,17 @@ from .quant import quantize_blocked
 
 BLOCK_OPSET = 21
 BLOCK_SIZES = (32, 64, 128)
+MIN_FITTED_BLOCK = 32
+
+
+def fitted_block(k: int, largest: int) -> int:
+    """The block for a weight of ``k`` input rows: the largest power of two from ``largest``
+    down to 32 that divides ``k`` (no padded block: a padded row is bytes read and multiplied
+    for nothing), or ``largest`` when none does. SmolLM2: K 576 -> 64, K 1536 -> 128."""
+    b = largest
+    while b > MIN_FITTED_BLOCK and k % b:
+        b //= 2
+    return b if k % b == 0 else largest
 SCALE_GRID = np.linspace(0.85, 1.1, 11)
 
 
@@ -183,7 +194,8 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
                          fmt: str = "offset", negative_scales: bool = False,
                          only: Container[str] | None = None,
                          in_place: bool = False,
-                         base_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
+                         base_dir: Path | None = None,
+                         int8_block: int | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Return the rewritten model (opset 21) and the labels of the quantized projections.
 
     ``int8_labels``: projections given 8-bit blocks in a 4-bit variant (see
@@ -195,7 +207,8 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
     left intact. ``base_dir``: ``model`` was loaded without its external data, which is read
     from there one weight at a time; the weights left in float are loaded at the end. A 1.5B
     model's 7 GB of fp32 weights are then never in memory (protobuf frees none of a loaded
-    model's bytes until the whole model goes, pruned or not).
+    model's bytes until the whole model goes, pruned or not). ``int8_block``: 8-bit weights
+    get blocks of :func:`fitted_block` ``(K, int8_block)`` instead of ``block``.
     """
     assert fmt in FORMATS, fmt
     model = upgrade_opset(model, in_place=in_place)
@@ -223,8 +236,9 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int = 4, block: int = 
                 q, scale = quantize_blocked_symmetric(w, block, negative_scales)
                 out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=4)
         else:
-            q, scale = quantize_blocked(w, 8, block)
-            out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=block, bits=8)
+            b8 = block if int8_block is None else fitted_block(w.shape[0], int8_block)
+            q, scale = quantize_blocked(w, 8, b8)
+            out = weight_dq(model, ins, p.weight, q, scale, axis=0, block_size=b8, bits=8)
         idx.nodes[p.node].input[1] = out
         done.append(p.label)
         if (n + 1) % 50 == 0:

@@ -269,6 +269,14 @@ def test_manifest_records_variants_and_cache(int8_bundle: Path) -> None:
     assert all(s > 0 for s in scales.values())
 
 
+def test_fitted_block_divides_k() -> None:
+    from llama_export.calibration.weight_only import fitted_block
+
+    assert [fitted_block(k, 128) for k in (1536, 8960, 576, 896, 4864, 64, 96, 100)] == \
+        [128, 128, 64, 128, 128, 64, 32, 128]
+    assert fitted_block(576, 32) == 32 and fitted_block(8960, 512) == 256
+
+
 def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
     """The calibrated int8 variant's ONNX-Runtime graph: every projection behind an int8
     blocked DQ (ONNX Runtime's MatMulNBits form), lm_head included, no activation Q/DQ,
@@ -288,6 +296,11 @@ def test_int8_ort_graph_is_weight_only_int8(int8_bundle: Path) -> None:
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert "DequantizeLinear" not in ops and len(nbits) == 2 * 5 + 1 == entry["matmul_nbits"]
     assert all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    # blocks of 128 where K allows (the tiny model's K is 64 or 128: both kinds are here)
+    blocks = {(a["K"], a["block_size"]) for a in (
+        {x.name: x.i for x in n.attribute} for n in nbits)}
+    assert blocks == {(64, 64), (128, 128)}, blocks
+    assert "128" in entry["weights"]
     with load_bundle(int8_bundle, variant="int8") as m:
         assert m.backend.graph == "ort"
 

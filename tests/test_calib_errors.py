@@ -70,6 +70,18 @@ def test_alpha_outside_unit_interval(bundle: Path, alpha: str,
     assert _snapshot(bundle) == before
 
 
+def test_unsupported_ort_block_size(bundle: Path) -> None:
+    """The API refuses what the CLI's choice list refuses, in one line naming the choices."""
+    from llama_export.calibration.pipeline import CalibrateOptions, calibrate
+    from llama_export.runtime.errors import InputError
+
+    before = _snapshot(bundle)
+    with pytest.raises(InputError, match=r"^--ort-block-size 48 is not supported: use 32, 64, "
+                                         r"128$"):
+        calibrate(bundle, CalibrateOptions(ort_block=48))
+    assert _snapshot(bundle) == before
+
+
 @pytest.mark.parametrize("command", [["calibrate"], ["quantize", "--int4"]])
 def test_bundle_without_fp32_variant(bundle: Path, command: list[str],
                                      capsys: pytest.CaptureFixture[str]) -> None:
