@@ -74,11 +74,21 @@ def ensure_hf_folder(out: Path, source: str | None, bundle: Path) -> Path:
     return out
 
 
-def ensure_genai_model(hf: Path, out: Path, precision: str, threads: int) -> Path:
+def genai_folder(spec: str) -> str:
+    """``int4`` -> ``genai-int4``; ``int4@128`` (its builder's ``int4_block_size``, default 32)
+    -> ``genai-int4-b128``. Its int8 weights stay in blocks of 32 whatever that option says
+    (onnxruntime-genai 0.18: ``int8@128`` built a graph of 141 MatMulNBits with block 32)."""
+    precision, _, block = spec.partition("@")
+    return f"genai-{precision}" + (f"-b{block}" if block else "")
+
+
+def ensure_genai_model(hf: Path, out: Path, spec: str, threads: int) -> Path:
+    precision, _, block = spec.partition("@")
     if not (out / "genai_config.json").is_file():
-        log(f"building onnxruntime-genai {precision} model in {out} (its model builder)")
+        log(f"building onnxruntime-genai {spec} model in {out} (its model builder)")
+        extra = ["--extra_options", f"int4_block_size={block}"] if block else []
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
-                        "-o", str(out), "-p", precision, "-e", "cpu"], check=True)
+                        "-o", str(out), "-p", precision, "-e", "cpu", *extra], check=True)
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
@@ -256,7 +266,8 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="our bundle (default per --model)")
     ap.add_argument("--work", type=Path, default=None, help="HF folder + genai models go here")
     ap.add_argument("--variants", default="fp32", help="our bundle variants, comma-separated")
-    ap.add_argument("--genai", default="fp32", help="genai precisions (fp32,int8,int4), '' = none")
+    ap.add_argument("--genai", default="fp32",
+                    help="genai precisions (fp32,int8,int4; int4@128: blocks of 128), '' = none")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--with-no-spin", action="store_true",
                     help="also run ours without spinning ORT threads (better on a busy machine)")
@@ -288,7 +299,7 @@ def main() -> None:
                           (str(bundle), v, prompt, a.gen_len, a.threads, False)))
     for p in precisions:
         assert hf is not None
-        model_dir = ensure_genai_model(hf, work / f"genai-{p}", p, a.threads)
+        model_dir = ensure_genai_model(hf, work / genai_folder(p), p, a.threads)
         specs.append((f"genai-{p}", "genai", (str(model_dir), prompt, a.gen_len)))
     if not a.no_torch:  # the safetensors folder when there is one: no GGUF dequantization peak
         specs.append(("torch-eager", "torch", (str(hf) if hf else source, prompt, a.gen_len,
