@@ -42,6 +42,7 @@ from .trt_cache import DEFAULT_TRT_VERSION, format_cache
 from .weight_only import (
     BLOCK_SIZES,
     FORMATS,
+    MIN_FITTED_BLOCK,
     eight_bit_labels,
     packed_labels,
     quantize_lm_head,
@@ -205,8 +206,8 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     sums), 12.5 % of the weight bytes at 32 and 3 % at 128. Measured on Qwen2.5-Coder-1.5B
     (interleaved): decode step 85-93 vs 102-108 ms, peak RSS 1902 vs 2317 MB, a 9-token
     verification 179-201 vs 236-246 ms; held-out accuracy +0.07 % / 97.7 % top-1 (KL 0.014)
-    vs -0.23 % / 98.7 % (KL 0.002) at 32. SmolLM2: +1.31 % / 95.0 % vs +0.54 % / 96.4 %. Static Q/DQ activations (the standard graph, for
-    TensorRT) would run as MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
+    vs -0.23 % / 98.7 % (KL 0.002) at 32. SmolLM2: +1.31 % / 95.0 % vs +0.54 % / 96.4 %.
+    Static Q/DQ activations (the standard graph, for TensorRT) would run as MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
     lm_head is int8 here whatever ``--lm-head`` says for the W8A8 graph: weight-only, its
     input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
     onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
@@ -219,7 +220,7 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
                                     in_place=True, base_dir=bundle)
     acc = ev.score(model)
     log(f"ort graph: {acc.line()}")
-    refuse_if_failing(acc, opts.eval.gate, opts)
+    refuse_if_failing(acc, opts.eval.gate, opts, ort_graph=True)
     entry["ort_graph"] = {
         **ort_graph_entry(manifest, "model.int8.ort.onnx"),
         "scheme": "int8 weight-only blocks (dynamic int8 activations inside MatMulNBits)",
@@ -363,19 +364,29 @@ def validation_gate(gate: Gate, tokens: int) -> Gate:
     return Gate(gate.max_ppl_increase, min(1.0, gate.min_top1 + 2 * se))
 
 
-def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions) -> None:
+def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions,
+                      ort_graph: bool = False) -> None:
+    """Raise when ``acc`` fails ``gate``, naming what to try. ``ort_graph``: the accuracy is the
+    ONNX-Runtime graph's (weight-only: calibration settings do not change it, its blocks do)."""
     failures = gate.failures(acc)
     if not failures:
         return
     tips = []
-    if opts.smoothquant != "auto":
-        tips.append("--smoothquant auto")
-    if opts.method != "percentile":
-        tips.append("--method percentile")
-    tips += [f"--samples {opts.samples * 2}", "--keep-float N (more float projections)"]
-    raise CalibrationError(f"int8 variant fails the accuracy gate ({'; '.join(failures)}); "
-                           f"nothing was written. Try {', '.join(tips)}, or loosen the gate "
-                           "(--max-ppl-increase / --min-top1)")
+    if ort_graph:
+        what = "int8 variant's ONNX-Runtime graph (int8 weight-only)"
+        if opts.ort_block > MIN_FITTED_BLOCK:
+            tips.append(f"--ort-block-size {MIN_FITTED_BLOCK}")
+    else:
+        what = "int8 variant"
+        if opts.smoothquant != "auto":
+            tips.append("--smoothquant auto")
+        if opts.method != "percentile":
+            tips.append("--method percentile")
+        tips += [f"--samples {opts.samples * 2}", "--keep-float N (more float projections)"]
+    loosen = "loosen the gate (--max-ppl-increase / --min-top1)"
+    advice = f"Try {', '.join(tips)}, or {loosen}" if tips else loosen[0].upper() + loosen[1:]
+    raise CalibrationError(f"{what} fails the accuracy gate ({'; '.join(failures)}); "
+                           f"nothing was written. {advice}")
 
 
 def int8_entry(manifest: Manifest, model: onnx.ModelProto, plans: list[GroupPlan],

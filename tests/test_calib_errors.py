@@ -127,6 +127,28 @@ def test_failed_gate_writes_nothing(bundle: Path, capsys: pytest.CaptureFixture[
     assert _snapshot(bundle) == before
 
 
+@pytest.mark.parametrize(("block", "advice"), [
+    (128, "Try --ort-block-size 32, or loosen the gate"), (32, "Loosen the gate")])
+def test_failed_ort_graph_gate_suggests_only_what_changes_it(block: int, advice: str) -> None:
+    """The ONNX-Runtime graph is weight-only: calibration settings cannot fix its accuracy,
+    its block size can (until it is 32)."""
+    from llama_export.calibration.accuracy import Accuracy, Gate, GenreAccuracy
+    from llama_export.calibration.pipeline import CalibrateOptions, refuse_if_failing
+    from llama_export.runtime.errors import CalibrationError
+
+    acc = GenreAccuracy({"code": Accuracy(10.0, 10.1, 0.95, 0.01, 500),
+                         "dialogue": Accuracy(10.0, 10.1, 0.85, 0.02, 500)})
+    refuse_if_failing(acc, Gate(0.03, 0.80), CalibrateOptions(ort_block=block), ort_graph=True)
+    with pytest.raises(CalibrationError) as err:
+        refuse_if_failing(acc, Gate(0.03, 0.90), CalibrateOptions(ort_block=block),
+                          ort_graph=True)
+    msg = str(err.value)
+    assert msg.startswith("int8 variant's ONNX-Runtime graph (int8 weight-only) fails the "
+                          "accuracy gate (dialogue: top-1 agreement 85.0% is below 90.0%)")
+    assert f"nothing was written. {advice}" in msg and "--smoothquant" not in msg
+    assert "\n" not in msg
+
+
 @pytest.mark.parametrize(("fmt", "hint"), [("symmetric", True), ("offset", False)])
 def test_failed_int4_gate_writes_nothing_and_suggests_what_is_left(
         bundle: Path, capsys: pytest.CaptureFixture[str], fmt: str, hint: bool) -> None:
