@@ -207,7 +207,8 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     (interleaved): decode step 85-93 vs 102-108 ms, peak RSS 1902 vs 2317 MB, a 9-token
     verification 179-201 vs 236-246 ms; held-out accuracy +0.07 % / 97.7 % top-1 (KL 0.014)
     vs -0.23 % / 98.7 % (KL 0.002) at 32. SmolLM2: +1.31 % / 95.0 % vs +0.54 % / 96.4 %.
-    Static Q/DQ activations (the standard graph, for TensorRT) would run as MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
+    Static Q/DQ activations (the standard graph, for TensorRT) would run as
+    MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
     lm_head is int8 here whatever ``--lm-head`` says for the W8A8 graph: weight-only, its
     input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
     onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
