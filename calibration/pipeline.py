@@ -203,10 +203,8 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     int8 activations quantized per block at run time (``accuracy_level`` 4): dynamic W8A8, the
     form ONNX Runtime's CPU kernels are fastest in (onnxruntime-genai's int8, in blocks of 32).
     Blocks of 128 by default: each block carries a float scale (and MLAS prepacks per-block
-    sums), 12.5 % of the weight bytes at 32 and 3 % at 128. Measured on Qwen2.5-Coder-1.5B
-    (interleaved): decode step 85-93 vs 102-108 ms, peak RSS 1902 vs 2317 MB, a 9-token
-    verification 179-201 vs 236-246 ms; held-out accuracy +0.07 % / 97.7 % top-1 (KL 0.014)
-    vs -0.23 % / 98.7 % (KL 0.002) at 32. SmolLM2: +1.31 % / 95.0 % vs +0.54 % / 96.4 %.
+    sums), 12.5 % of the weight bytes at 32 and 3 % at 128: a faster, smaller step for about
+    one point of held-out top-1 agreement (README, "The bundle", has the measured table).
     Static Q/DQ activations (the standard graph, for TensorRT) would run as
     MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
     lm_head is int8 here whatever ``--lm-head`` says for the W8A8 graph: weight-only, its

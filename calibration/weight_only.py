@@ -46,6 +46,7 @@ from .quant import quantize_blocked
 BLOCK_OPSET = 21
 BLOCK_SIZES = (32, 64, 128)
 MIN_FITTED_BLOCK = 32
+SCALE_GRID = np.linspace(0.85, 1.1, 11)
 
 
 def fitted_block(k: int, largest: int) -> int:
@@ -56,7 +57,6 @@ def fitted_block(k: int, largest: int) -> int:
     while b > MIN_FITTED_BLOCK and k % b:
         b //= 2
     return b if k % b == 0 else largest
-SCALE_GRID = np.linspace(0.85, 1.1, 11)
 
 
 def quantize_blocked_asym(w: np.ndarray, block: int,
