@@ -39,6 +39,7 @@ from .qdq import insert_w8a8, prune_initializers
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
 from .trt_cache import DEFAULT_TRT_VERSION, format_cache
+from .w8a8_ort import w8a8_ort_graph
 from .weight_only import (
     BLOCK_SIZES,
     FORMATS,
@@ -55,6 +56,10 @@ KEEP_FLOAT_STEPS = (0, 4, 8, 16, 24, 32, 48, 64)
 EXCLUDED_WEIGHTS = ("int8", "float")
 EXCLUDED_BLOCK = 32
 ORT_INT8_BLOCK = 128  # the int8 ONNX-Runtime graph's largest blocks (int8_ort_graph)
+# The int8 ONNX-Runtime graph's form: int8 weight-only blocks (MatMulNBits, default) or the W8A8
+# graph's numbers as MatMulIntegerToFloat (w8a8_ort.py: cheaper multi-token forwards on CPUs
+# without VNNI, less accurate).
+ORT_INT8_FORMS = ("weight-only", "w8a8")
 CACHE_FILE = "model.int8.calib.cache"
 
 
@@ -81,6 +86,7 @@ class CalibrateOptions:
     excluded_weights: str = "float"
     lm_head: str = "float"          # "float" | "int8" (weight-only blocks; activations stay float)
     ort_block: int = ORT_INT8_BLOCK  # the ONNX-Runtime graph's int8 blocks (at most; BLOCK_SIZES)
+    ort_int8: str = "weight-only"    # ORT_INT8_FORMS
     trt_version: int = DEFAULT_TRT_VERSION
     eval: EvalOptions = field(default_factory=EvalOptions)
 
@@ -106,6 +112,9 @@ def check_options(opts: CalibrateOptions) -> None:
                          f"{' or '.join(EXCLUDED_WEIGHTS)}")
     if opts.keep_float is not None and opts.keep_float < 0:
         raise InputError(f"--keep-float {opts.keep_float} is negative: pass 0 or more")
+    if opts.ort_int8 not in ORT_INT8_FORMS:
+        raise InputError(f"--ort-int8 {opts.ort_int8} is unknown: use "
+                         f"{' or '.join(ORT_INT8_FORMS)}")
     if opts.ort_block not in BLOCK_SIZES:
         raise InputError(f"--ort-block-size {opts.ort_block} is not supported: use "
                          f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -184,7 +193,8 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     log(acc.line())
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry = int8_entry(manifest, model, plans, excluded, acc, opts, text, held_src, len(segments))
-    ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry)
+    ort_model = (w8a8_ort(bundle, manifest, ev, opts, entry, model) if opts.ort_int8 == "w8a8"
+                 else int8_ort_graph(bundle, manifest, ev, opts, entry))
     del ev
     cache = format_cache({t: stats[t].amax for t in amax_tensors if stats[t].amax > 0},
                          opts.trt_version)
@@ -225,6 +235,35 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
         "scheme": "int8 weight-only blocks (dynamic int8 activations inside MatMulNBits)",
         "weights": f"int8 symmetric, blocks of {opts.ort_block} along K (smaller where K is "
                    "not a multiple: the largest power of two >= 32 dividing it)",
+        "block_size": opts.ort_block,
+        "lm_head": "int8",
+        "form": "weight-only",
+        "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
+    return model
+
+
+def w8a8_ort(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
+             entry: dict[str, Any], int8: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The int8 ONNX-Runtime graph in W8A8 form (``--ort-int8 w8a8``, w8a8_ort.py): the
+    calibrated ``int8`` standard graph's int8 weights and activation scales on the ONNX-Runtime
+    graph; its float-kept projections and lm_head as int8 weight-only blocks. Gated like the
+    default; records its ``entry["ort_graph"]``."""
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)
+    if fp32_ort is None:
+        return None
+    model, n_w8a8, n_blocks = w8a8_ort_graph(fp32_ort, int8, bundle, opts.ort_block)
+    acc = ev.score(model)
+    log(f"ort graph (w8a8): {acc.line()}")
+    refuse_if_failing(acc, opts.eval.gate, opts, ort_graph=True)
+    entry["ort_graph"] = {
+        **ort_graph_entry(manifest, "model.int8.ort.onnx"),
+        "form": "w8a8",
+        "scheme": "the int8 graph's W8A8 (static int8 activations) as MatMulIntegerToFloat; "
+                  "int8 weight-only blocks for the projections it keeps float and lm_head",
+        "weights": "int8 symmetric per-channel (W8A8 projections); int8 symmetric blocks of "
+                   f"{opts.ort_block} along K (weight-only ones; smaller where K is not a "
+                   "multiple)",
+        "w8a8_projections": n_w8a8, "weight_only_projections": n_blocks,
         "block_size": opts.ort_block,
         "lm_head": "int8",
         "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
@@ -371,7 +410,10 @@ def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions,
     if not failures:
         return
     tips = []
-    if ort_graph:
+    if ort_graph and opts.ort_int8 == "w8a8":
+        what = "int8 variant's ONNX-Runtime graph (W8A8)"
+        tips.append("--ort-int8 weight-only")
+    elif ort_graph:
         what = "int8 variant's ONNX-Runtime graph (int8 weight-only)"
         if opts.ort_block > MIN_FITTED_BLOCK:
             tips.append(f"--ort-block-size {MIN_FITTED_BLOCK}")
