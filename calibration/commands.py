@@ -120,9 +120,9 @@ def _eval(eval_data: Path | None, eval_samples: int, min_top1: float | None,
               help="Form of the ONNX-Runtime graph: weight-only int8 blocks (most accurate), "
                    "or this calibration's W8A8 (static int8 activations), whose int8 GEMM "
                    "tiles tokens: on CPUs without VNNI, prefill and speculative verification "
-                   "cost far less (1.5B on an AVX2 machine: prefill 1.9x, 9-token "
-                   "verification 2.7 instead of 4.2 steps), decode ~5 % slower, accuracy "
-                   "that of the W8A8 graph.")
+                   "cost far less (1.5B on one AVX2 machine: prefill 1.8x, 9-token "
+                   "verification 2.6-2.9 instead of 4.0-4.3 steps, decode as fast; SmolLM2 "
+                   "decodes 12 % slower), accuracy that of the W8A8 graph.")
 @_with_eval
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest entry as JSON.")
 def calibrate(bundle: Path, data: Path | None, samples: int, seq_len: int, method: str,

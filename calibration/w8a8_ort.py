@@ -2,11 +2,11 @@
 
 The default int8 ONNX-Runtime graph is weight-only (MatMulNBits, 8-bit blocks): its kernel
 quantizes the activations per block and row at run time. On CPUs without AVX-512 VNNI that
-kernel's cost grows with every row: a speculative verification of 9 tokens cost 4.2x one decode
-step on Qwen2.5-Coder-1.5B (AMD EPYC, AVX2 only), and prefill ran at 46 tok/s. ONNX Runtime's
+kernel's cost grows with every row: a speculative verification of 9 tokens cost 4.0-4.3 decode
+steps on Qwen2.5-Coder-1.5B (AMD EPYC, AVX2 only), and prefill ran at 47 tok/s. ONNX Runtime's
 int8 GEMM for static W8A8 (``MatMulIntegerToFloat``, what a Q→DQ→MatMul←DQ unit fuses into)
-tiles rows: 9 tokens cost 2.7x a step, prefill 88 tok/s, a decode step ~5 % slower, on the same
-machine (README, "Speculative decoding").
+tiles rows: 9 tokens cost 2.6-2.9 steps, prefill 87 tok/s, a decode step as fast, on the same
+machine (README, "The bundle"; on SmolLM2 its extra quantize nodes make decode 12 % slower).
 
 This graph is the ONNX-Runtime graph (GroupQueryAttention, fused norms, packed q/k/v) carrying
 the calibrated W8A8 standard graph's numbers: its SmoothQuant-folded norm weights, per-channel
