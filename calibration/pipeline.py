@@ -193,8 +193,7 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     log(acc.line())
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry = int8_entry(manifest, model, plans, excluded, acc, opts, text, held_src, len(segments))
-    ort_model = (w8a8_ort(bundle, manifest, ev, opts, entry, model) if opts.ort_int8 == "w8a8"
-                 else int8_ort_graph(bundle, manifest, ev, opts, entry))
+    ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry, model)
     del ev
     cache = format_cache({t: stats[t].amax for t in amax_tensors if stats[t].amax > 0},
                          opts.trt_version)
@@ -207,65 +206,51 @@ VALIDATION = " validation"  # not a held-out genre's name
 
 
 def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
-                   entry: dict[str, Any]) -> onnx.ModelProto | None:
-    """The int8 variant's ONNX-Runtime graph (None without an fp32 one): int8 weights in blocks
-    of ``opts.ort_block`` (:func:`fitted_block`), which ONNX Runtime runs as MatMulNBits with
-    int8 activations quantized per block at run time (``accuracy_level`` 4): dynamic W8A8, the
-    form ONNX Runtime's CPU kernels are fastest in (onnxruntime-genai's int8, in blocks of 32).
-    Blocks of 128 by default: each block carries a float scale (and MLAS prepacks per-block
-    sums), 12.5 % of the weight bytes at 32 and 3 % at 128: a faster, smaller step for about
-    one point of held-out top-1 agreement (README, "The bundle", has the measured table).
-    Static Q/DQ activations (the standard graph, for TensorRT) would run as
-    MatMulIntegerToFloat, measured 1.6x slower per token on SmolLM2.
-    lm_head is int8 here whatever ``--lm-head`` says for the W8A8 graph: weight-only, its
-    input stays float, and on SmolLM2 it is the difference between 0.74x and 0.99x
-    onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
-    Gated like the standard graph; records its ``entry["ort_graph"]``."""
+                   entry: dict[str, Any], int8: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The int8 variant's ONNX-Runtime graph (None without an fp32 one), in the form
+    ``opts.ort_int8`` says; gated like the standard graph ``int8``; records its
+    ``entry["ort_graph"]``.
+
+    ``weight-only`` (default): int8 weights in blocks of ``opts.ort_block``
+    (:func:`fitted_block`), which ONNX Runtime runs as MatMulNBits with int8 activations
+    quantized per block at run time (``accuracy_level`` 4): dynamic W8A8, onnxruntime-genai's
+    int8 form (in blocks of 32). Blocks of 128 by default: each block carries a float scale
+    (and MLAS prepacks per-block sums), 12.5 % of the weight bytes at 32 and 3 % at 128: a
+    faster, smaller step for about one point of held-out top-1 agreement (README, "The bundle",
+    has the measured table). lm_head is int8 here whatever ``--lm-head`` says for the W8A8
+    graph: weight-only, its input stays float, and on SmolLM2 it is the difference between
+    0.74x and 0.99x onnxruntime-genai's int8 decode speed (perplexity +0.24 % -> +0.35 %).
+
+    ``w8a8``: ``int8``'s own int8 weights and static activation scales on the ONNX-Runtime
+    graph, run as MatMulIntegerToFloat (w8a8_ort.py: multi-token forwards cost far less on CPUs
+    without VNNI); its float-kept projections and lm_head as weight-only blocks. (The standard
+    graph itself, with its float lm_head and spelled-out attention, decoded 1.6x slower per
+    token on SmolLM2.)"""
     fp32_ort = load_ort_graph(bundle, manifest, external=False)
     if fp32_ort is None:
         return None
-    model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
-                                    int8_block=opts.ort_block, include_lm_head=True,
-                                    in_place=True, base_dir=bundle)
+    weights = (f"int8 symmetric, blocks of {opts.ort_block} along K (smaller where K is not a "
+               "multiple: the largest power of two >= 32 dividing it)")
+    if opts.ort_int8 == "w8a8":
+        model, n_w8a8, n_blocks = w8a8_ort_graph(fp32_ort, int8, bundle, opts.ort_block)
+        form = {"scheme": "the int8 graph's W8A8 (static int8 activations) as "
+                          "MatMulIntegerToFloat; int8 weight-only blocks for the projections "
+                          "it keeps float and lm_head",
+                "weights": f"int8 symmetric per-channel (W8A8 projections); {weights} "
+                           "(weight-only ones)",
+                "w8a8_projections": n_w8a8, "weight_only_projections": n_blocks}
+    else:
+        model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
+                                        int8_block=opts.ort_block, include_lm_head=True,
+                                        in_place=True, base_dir=bundle)
+        form = {"scheme": "int8 weight-only blocks (dynamic int8 activations inside "
+                          "MatMulNBits)", "weights": weights}
     acc = ev.score(model)
-    log(f"ort graph: {acc.line()}")
+    log(f"ort graph ({opts.ort_int8}): {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts, ort_graph=True)
     entry["ort_graph"] = {
-        **ort_graph_entry(manifest, "model.int8.ort.onnx"),
-        "scheme": "int8 weight-only blocks (dynamic int8 activations inside MatMulNBits)",
-        "weights": f"int8 symmetric, blocks of {opts.ort_block} along K (smaller where K is "
-                   "not a multiple: the largest power of two >= 32 dividing it)",
-        "block_size": opts.ort_block,
-        "lm_head": "int8",
-        "form": "weight-only",
-        "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
-    return model
-
-
-def w8a8_ort(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
-             entry: dict[str, Any], int8: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The int8 ONNX-Runtime graph in W8A8 form (``--ort-int8 w8a8``, w8a8_ort.py): the
-    calibrated ``int8`` standard graph's int8 weights and activation scales on the ONNX-Runtime
-    graph; its float-kept projections and lm_head as int8 weight-only blocks. Gated like the
-    default; records its ``entry["ort_graph"]``."""
-    fp32_ort = load_ort_graph(bundle, manifest, external=False)
-    if fp32_ort is None:
-        return None
-    model, n_w8a8, n_blocks = w8a8_ort_graph(fp32_ort, int8, bundle, opts.ort_block)
-    acc = ev.score(model)
-    log(f"ort graph (w8a8): {acc.line()}")
-    refuse_if_failing(acc, opts.eval.gate, opts, ort_graph=True)
-    entry["ort_graph"] = {
-        **ort_graph_entry(manifest, "model.int8.ort.onnx"),
-        "form": "w8a8",
-        "scheme": "the int8 graph's W8A8 (static int8 activations) as MatMulIntegerToFloat; "
-                  "int8 weight-only blocks for the projections it keeps float and lm_head",
-        "weights": "int8 symmetric per-channel (W8A8 projections); int8 symmetric blocks of "
-                   f"{opts.ort_block} along K (weight-only ones; smaller where K is not a "
-                   "multiple)",
-        "w8a8_projections": n_w8a8, "weight_only_projections": n_blocks,
-        "block_size": opts.ort_block,
-        "lm_head": "int8",
+        **ort_graph_entry(manifest, "model.int8.ort.onnx"), "form": opts.ort_int8, **form,
+        "block_size": opts.ort_block, "lm_head": "int8",
         "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
     return model
 

@@ -22,6 +22,7 @@ perplexity x2000, measured).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +44,23 @@ _QUANT = re.compile(r"\.quant(\.\d+)?$")
 _PACKED = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))  # the ort graph's packed projection
 
 
+@dataclass(frozen=True)
 class _W8A8:
     """A projection of the W8A8 graph: per-channel int8 ``q`` (K, N), ``scale`` (N,), and the
     static scale of its input activation."""
 
-    def __init__(self, q: np.ndarray, scale: np.ndarray, act_scale: float) -> None:
-        self.q, self.scale, self.act_scale = q, scale, act_scale
+    q: np.ndarray
+    scale: np.ndarray
+    act_scale: float
 
 
+@dataclass(frozen=True)
 class _Proj:
     """A projection's weight (:class:`_W8A8` or float (K, N)) and the weight of the RMSNorm
     that feeds it in the standard graph (SmoothQuant folded its factors there), or None."""
 
-    def __init__(self, weight: _W8A8 | np.ndarray, norm: np.ndarray | None) -> None:
-        self.weight, self.norm = weight, norm
+    weight: _W8A8 | np.ndarray
+    norm: np.ndarray | None
 
 
 def _base(name: str) -> str:
@@ -129,6 +133,7 @@ def w8a8_ort_graph(fp32_ort: onnx.ModelProto, std: onnx.ModelProto, base_dir: Pa
     idx = GraphIndex(model, base_dir)
     ins = NodeInserter(model)
     activations: dict[str, _ActivationQ] = {}
+    normed: set[str] = set()
     n_w8a8 = n_blocks = 0
     for node in list(model.graph.node):
         wname = idx.const_name(node.input[1]) if node.op_type == "MatMul" else None
@@ -140,7 +145,9 @@ def w8a8_ort_graph(fp32_ort: onnx.ModelProto, std: onnx.ModelProto, base_dir: Pa
             raise CalibrationError(f"the calibrated int8 graph has no weight for {wname}: "
                                    "re-export the bundle and calibrate again")
         x = node.input[0]
-        _set_norm(model, idx, x, [p.norm for p in parts], wname)
+        if x not in normed:  # gate and up read one norm: set it once
+            _set_norm(model, idx, x, [p.norm for p in parts], wname)
+            normed.add(x)
         weights = [p.weight for p in parts]
         w8 = [w for w in weights if isinstance(w, _W8A8)]
         if len(w8) == len(weights):
@@ -157,7 +164,7 @@ def w8a8_ort_graph(fp32_ort: onnx.ModelProto, std: onnx.ModelProto, base_dir: Pa
             n_w8a8 += 1
         else:
             w = np.concatenate([v.q.astype(np.float32) * v.scale if isinstance(v, _W8A8) else v
-                                for v in weights], axis=1).astype(np.float32)
+                                for v in weights], axis=1)
             b = fitted_block(w.shape[0], block)
             qb, sb = quantize_blocked(w, 8, b)
             node.input[1] = weight_dq(model, ins, wname, qb, sb, axis=0, block_size=b)

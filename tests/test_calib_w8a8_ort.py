@@ -65,9 +65,9 @@ def test_ort_graph_holds_the_standard_graphs_int8_numbers(bundle: Path) -> None:
     for n in ortg.graph.node:
         if n.op_type != "MatMul":
             continue
+        # attention is GroupQueryAttention here, lm_head MatMulNBits: every MatMul is int8
         wdq, xdq = idx.producer[n.input[1]], idx.producer[n.input[0]]
-        if wdq.op_type != "DequantizeLinear":
-            continue  # attention has no MatMul here; nothing else is float
+        assert (wdq.op_type, xdq.op_type) == ("DequantizeLinear", "DequantizeLinear")
         name = wdq.input[0].removesuffix(".quant")
         parts = ([name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
                  if "qkv_proj" in name else [name])
@@ -114,13 +114,14 @@ def test_logits_close_to_the_standard_int8_graph(bundle: Path) -> None:
     for variant, graph in (("fp32", "standard"), ("int8", "standard"), ("int8", "ort")):
         with load_bundle(bundle, variant=variant, graph=graph) as m:
             cache = m.backend.new_cache(2, 16)
-            out[(variant, graph)] = m.backend.forward(ids, pos, mask, cache)[:, -6:]
+            # the last 6 positions (the bundle's logits window): row 0's padding is before them
+            out[(variant, graph)] = m.backend.forward_tail(ids, pos, mask, cache, 6)
     std, w8, fp = out[("int8", "standard")], out[("int8", "ort")], out[("fp32", "standard")]
-    valid = np.s_[:, 2:] if std.shape[1] >= 6 else np.s_[:]
-    diff = float(np.abs(w8[valid] - std[valid]).max())
-    quant_err = float(np.abs(std[valid] - fp[valid]).max())
-    assert diff < 0.5 * quant_err, (diff, quant_err)
-    assert (w8[valid].argmax(-1) == std[valid].argmax(-1)).mean() >= 0.9
+    assert std.shape == w8.shape == (2, 6, Manifest.load(bundle).vocab_size)
+    diff = float(np.abs(w8 - std).max())
+    quant_err = float(np.abs(std - fp).max())
+    assert diff < 0.2 * quant_err, (diff, quant_err)  # measured 0.027 vs 0.58
+    assert (w8.argmax(-1) == std.argmax(-1)).mean() >= 0.9
 
 
 def test_greedy_speculation_is_identical_on_it(bundle: Path) -> None:
