@@ -39,7 +39,7 @@ from .qdq import insert_w8a8, prune_initializers
 from .quant import METHODS, Method
 from .smoothquant import GroupPlan, Tensors, plan_smoothing
 from .trt_cache import DEFAULT_TRT_VERSION, format_cache
-from .w8a8_ort import w8a8_ort_graph
+from .w8a8_ort import ROW_FLOAT_CHANNELS, float_inputs, w8a8_ort_graph
 from .weight_only import (
     BLOCK_SIZES,
     FORMATS,
@@ -58,8 +58,9 @@ EXCLUDED_BLOCK = 32
 ORT_INT8_BLOCK = 128  # the int8 ONNX-Runtime graph's largest blocks (int8_ort_graph)
 # The int8 ONNX-Runtime graph's form: int8 weight-only blocks (MatMulNBits, default) or the W8A8
 # graph's numbers as MatMulIntegerToFloat (w8a8_ort.py: cheaper multi-token forwards on CPUs
-# without VNNI, less accurate).
-ORT_INT8_FORMS = ("weight-only", "w8a8")
+# without VNNI, less accurate), its float-kept projections and lm_head quantized per row on the
+# same GEMM (w8a8) or as int8 blocks (w8a8-blocks: fewer nodes, a faster step on small models).
+ORT_INT8_FORMS = ("weight-only", "w8a8", "w8a8-blocks")
 CACHE_FILE = "model.int8.calib.cache"
 
 
@@ -114,7 +115,7 @@ def check_options(opts: CalibrateOptions) -> None:
         raise InputError(f"--keep-float {opts.keep_float} is negative: pass 0 or more")
     if opts.ort_int8 not in ORT_INT8_FORMS:
         raise InputError(f"--ort-int8 {opts.ort_int8} is unknown: use "
-                         f"{' or '.join(ORT_INT8_FORMS)}")
+                         f"{', '.join(ORT_INT8_FORMS[:-1])} or {ORT_INT8_FORMS[-1]}")
     if opts.ort_block not in BLOCK_SIZES:
         raise InputError(f"--ort-block-size {opts.ort_block} is not supported: use "
                          f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -193,7 +194,7 @@ def calibrate(bundle: Path, opts: CalibrateOptions) -> dict[str, Any]:
     log(acc.line())
     refuse_if_failing(acc, opts.eval.gate, opts)
     entry = int8_entry(manifest, model, plans, excluded, acc, opts, text, held_src, len(segments))
-    ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry, model)
+    ort_model = int8_ort_graph(bundle, manifest, ev, opts, entry, model, fit)
     del ev
     cache = format_cache({t: stats[t].amax for t in amax_tensors if stats[t].amax > 0},
                          opts.trt_version)
@@ -206,7 +207,8 @@ VALIDATION = " validation"  # not a held-out genre's name
 
 
 def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: CalibrateOptions,
-                   entry: dict[str, Any], int8: onnx.ModelProto) -> onnx.ModelProto | None:
+                   entry: dict[str, Any], int8: onnx.ModelProto,
+                   segments: Any = None) -> onnx.ModelProto | None:
     """The int8 variant's ONNX-Runtime graph (None without an fp32 one), in the form
     ``opts.ort_int8`` says; gated like the standard graph ``int8``; records its
     ``entry["ort_graph"]``.
@@ -223,33 +225,60 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
 
     ``w8a8``: ``int8``'s own int8 weights and static activation scales on the ONNX-Runtime
     graph, run as MatMulIntegerToFloat (w8a8_ort.py: multi-token forwards cost far less on CPUs
-    without VNNI); its float-kept projections and lm_head as weight-only blocks. (The standard
-    graph itself, with its float lm_head and spelled-out attention, decoded 1.6x slower per
-    token on SmolLM2.)"""
-    fp32_ort = load_ort_graph(bundle, manifest, external=False)
+    without VNNI); its float-kept projections and lm_head on the same int8 GEMM with
+    activations quantized per row (their channel maxima measured on ``int8`` over
+    ``segments``), or, when that fails the gate or with ``w8a8-blocks``, as weight-only blocks
+    (recorded as form ``w8a8``, ``kept_float_as`` ``blocks``). (The standard graph
+    itself, with its float lm_head and spelled-out attention, decoded 1.6x slower per token on
+    SmolLM2.)"""
+    fp32_ort = load_ort_graph(bundle, manifest, external=False)  # the graph, not its weights
     if fp32_ort is None:
         return None
     weights = (f"int8 symmetric, blocks of {opts.ort_block} along K (smaller where K is not a "
                "multiple: the largest power of two >= 32 dividing it)")
-    if opts.ort_int8 == "w8a8":
-        model, n_w8a8, n_blocks = w8a8_ort_graph(fp32_ort, int8, bundle, opts.ort_block)
+    if opts.ort_int8.startswith("w8a8"):
+        amax: dict[str, np.ndarray] | None = None
+        if opts.ort_int8 == "w8a8" and segments is not None and len(segments):
+            inputs = float_inputs(int8, bundle)
+            log(f"activation maxima of {len(inputs)} float-kept projection inputs")
+            stats = collect_stats(int8, manifest, segments, row_tensors=inputs,
+                                  decode_steps=opts.decode_steps, max_rows=1)
+            amax = {t: a for t in inputs if (a := stats[t].channel_amax) is not None}
+        for kept in (("rows", "blocks") if amax is not None else ("blocks",)):
+            graph = onnx.ModelProto()
+            graph.CopyFrom(fp32_ort)  # rewritten in place
+            model, n_w8a8, n_other = w8a8_ort_graph(graph, int8, bundle, opts.ort_block,
+                                                    amax if kept == "rows" else None)
+            acc = ev.score(model)
+            failures = [] if kept == "blocks" else opts.eval.gate.failures(acc)
+            if not failures:  # (blocks are gated below, as the other forms)
+                break
+            log(f"ort graph (w8a8, float-kept projections as int8 rows): {acc.line()}; fails "
+                f"the gate ({'; '.join(failures)}): int8 blocks for them instead")
+            del model
+        others = ("int8 per-channel weights, activations quantized per row at run time "
+                  f"(MatMulInteger), {ROW_FLOAT_CHANNELS[0]}-{ROW_FLOAT_CHANNELS[1]} channels "
+                  "per projection float" if kept == "rows" else f"int8 weight-only blocks: {weights}")
         form = {"scheme": "the int8 graph's W8A8 (static int8 activations) as "
-                          "MatMulIntegerToFloat; int8 weight-only blocks for the projections "
-                          "it keeps float and lm_head",
-                "weights": f"int8 symmetric per-channel (W8A8 projections); {weights} "
-                           "(weight-only ones)",
-                "w8a8_projections": n_w8a8, "weight_only_projections": n_blocks}
+                          "MatMulIntegerToFloat; the projections it keeps float and lm_head: "
+                          + ("int8 rows" if kept == "rows" else "int8 weight-only blocks"),
+                "weights": f"int8 symmetric per-channel (W8A8 projections); {others} "
+                           "(the others)",
+                "kept_float_as": kept,
+                "w8a8_projections": n_w8a8, f"{'row' if kept == 'rows' else 'weight_only'}"
+                                            "_projections": n_other}
     else:
         model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
                                         int8_block=opts.ort_block, include_lm_head=True,
                                         in_place=True, base_dir=bundle)
         form = {"scheme": "int8 weight-only blocks (dynamic int8 activations inside "
                           "MatMulNBits)", "weights": weights}
-    acc = ev.score(model)
+        acc = ev.score(model)
     log(f"ort graph ({opts.ort_int8}): {acc.line()}")
     refuse_if_failing(acc, opts.eval.gate, opts, ort_graph=True)
     entry["ort_graph"] = {
-        **ort_graph_entry(manifest, "model.int8.ort.onnx"), "form": opts.ort_int8, **form,
+        **ort_graph_entry(manifest, "model.int8.ort.onnx"), "form": opts.ort_int8.split("-")[0],
+        **form,
         "block_size": opts.ort_block, "lm_head": "int8",
         "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
     return model
@@ -395,7 +424,7 @@ def refuse_if_failing(acc: GenreAccuracy, gate: Gate, opts: CalibrateOptions,
     if not failures:
         return
     tips = []
-    if ort_graph and opts.ort_int8 == "w8a8":
+    if ort_graph and opts.ort_int8.startswith("w8a8"):
         what = "int8 variant's ONNX-Runtime graph (W8A8)"
         tips.append("--ort-int8 weight-only")
     elif ort_graph:
