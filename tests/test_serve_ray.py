@@ -136,13 +136,17 @@ def _client(server: RayDriver) -> openai.AsyncOpenAI:
 
 
 async def _stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int,
-                  stop_after: int | None = None) -> tuple[str, str]:
-    """(replica, text) of one streamed greedy chat; ``stop_after`` chunks: drop the stream."""
+                  stop_after: int | None = None,
+                  started: list[str] | None = None) -> tuple[str, str]:
+    """(replica, text) of one streamed greedy chat; ``stop_after`` chunks: drop the stream;
+    ``started``: gets the replica appended when the first chunk arrives."""
     async with client.chat.completions.with_streaming_response.create(
             model="bundle", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
             temperature=0, stream=True) as resp:
         replica, text, n = resp.headers[HEADER], "", 0
         async for chunk in await resp.parse():
+            if n == 0 and started is not None:
+                started.append(replica)
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
             n += 1
@@ -247,8 +251,16 @@ def test_killed_replica_loses_only_its_requests_and_comes_back(ray_server: RayDr
 
     async def load() -> list[tuple[str, str] | BaseException]:
         client = _client(ray_server)
-        tasks = [asyncio.ensure_future(_stream(client, PROMPTS[0], 40)) for _ in range(8)]
-        await asyncio.sleep(1.5)  # streams are running on both replicas
+        started: list[str] = []
+        tasks = [asyncio.ensure_future(_stream(client, PROMPTS[0], 40, started=started))
+                 for _ in range(8)]
+        # kill once every stream produced its first chunk (running on both replicas): a fixed
+        # 1.5 s wait under a loaded machine killed a replica before Ray had routed to it, and
+        # the survivor then served all 8
+        deadline = time.monotonic() + 60
+        while len(started) < len(tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(set(started)) == 2, f"streams did not start on both replicas: {started}"
         os.kill(pids[0], signal.SIGKILL)
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
 
