@@ -265,8 +265,8 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
                 "weights": f"int8 symmetric per-channel (W8A8 projections); {others} "
                            "(the others)",
                 "kept_float_as": kept,
-                "w8a8_projections": n_w8a8, f"{'row' if kept == 'rows' else 'weight_only'}"
-                                            "_projections": n_other}
+                "w8a8_projections": n_w8a8,
+                "row_projections" if kept == "rows" else "weight_only_projections": n_other}
     else:
         model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
                                         int8_block=opts.ort_block, include_lm_head=True,
