@@ -21,7 +21,7 @@ from llama_export.runtime.generate import BatchGeneration, Completion, Generatio
 from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.sampling import SamplingOptions
 from llama_export.runtime.spec_generate import Drafter, LookupDrafter, SpeculativeGeneration
-from llama_export.runtime.speculative import SpeculativeOptions
+from llama_export.runtime.speculative import SpeculativeOptions, VerifyCost
 from llama_export.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("ort", "trt")
@@ -53,6 +53,7 @@ class Model:
         self.path, self.manifest, self.backend, self.tokenizer = path, manifest, backend, tokenizer
         self.last_generation: BatchGeneration | None = None  # its .stats feed the bench
         self._drafts: dict[str, Model] = {}  # draft bundles for draft-model speculation
+        self._verify_cost = VerifyCost()  # what a T-token forward costs here (prompt lookup)
 
     def __enter__(self) -> Model:
         return self
@@ -99,7 +100,7 @@ class Model:
 
     def _speculative(self, prompt_ids: Sequence[Sequence[int]], opts: GenerationOptions,
                      spec: SpeculativeOptions) -> BatchGeneration:
-        drafter: Drafter = LookupDrafter(spec)
+        drafter: Drafter = LookupDrafter(spec, self._verify_cost)
         if spec.mode == "draft":
             from llama_export.runtime.draft_model import DraftModelDrafter
 

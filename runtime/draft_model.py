@@ -35,7 +35,10 @@ def check_same_tokenizer(target: Model, draft: Model) -> None:
 
 class DraftModelDrafter:
     """Drafts by decoding a smaller model (greedy when the target is greedy, else sampled from
-    the draft's own filtered distribution, which verification then needs as ``q``)."""
+    the draft's own filtered distribution, which verification then needs as ``q``). Its draft
+    length is the generation's :class:`~llama_export.runtime.speculative.AdaptiveDraftLength`."""
+
+    plans_length = False
 
     def __init__(self, target: Model, draft: Model) -> None:
         check_same_tokenizer(target, draft)
@@ -52,6 +55,10 @@ class DraftModelDrafter:
                              "with a larger --max-seq-len, or shorten the prompt / max_new_tokens")
         self._cache = self.backend.new_cache(batch, capacity)
         self._fed = np.zeros((batch, 0), dtype=np.int64)
+
+    def observe(self, drafted: int, accepted: dict[int, int], advanced: int,
+                seconds: float) -> None:
+        pass  # the cache follows the context by itself (see propose)
 
     def close(self) -> None:
         self._cache = None

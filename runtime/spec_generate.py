@@ -37,8 +37,9 @@ from llama_export.runtime.generate import (
 from llama_export.runtime.sampling import SamplingOptions, sample
 from llama_export.runtime.speculative import (
     AdaptiveDraftLength,
+    LookupPlanner,
     SpeculativeOptions,
-    lookup_draft,
+    VerifyCost,
     verify_row,
 )
 from llama_export.runtime.tokenizer import Tokenizer
@@ -58,6 +59,12 @@ class Drafts:
 
 
 class Drafter(Protocol):
+    """``plans_length`` (optional, default False): propose() picks each row's draft length
+    within the budget (else the generation's AdaptiveDraftLength sets the budget);
+    ``observe`` (optional) hears how each verification went."""
+
+    plans_length: bool
+
     def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
                 rng: np.random.Generator) -> Drafts:
         """Up to ``k`` drafts per row after the padded context ``ids`` / ``mask`` ``[batch, C]``
@@ -68,21 +75,45 @@ class Drafter(Protocol):
         """A new generation of ``batch`` rows whose target cache holds ``capacity`` positions."""
         ...
 
+    def observe(self, drafted: int, accepted: dict[int, int], advanced: int,
+                seconds: float) -> None:
+        """After a verification of ``drafted`` drafts per row (``accepted[r]`` kept by live row
+        r; every row moved ``advanced + 1`` tokens on) whose target forward took ``seconds``."""
+        ...
+
 
 class LookupDrafter:
-    """Prompt lookup: drafts copied from where the context's suffix occurred before."""
+    """Prompt lookup: drafts copied from where the context's suffix occurred before, one
+    :class:`LookupPlanner` per row choosing the source and the length; ``cost`` (shared by the
+    generations of one model) learns what a forward of T tokens costs. Sampled generations
+    plan with the prior cost only, so a seed reproduces their text."""
 
-    def __init__(self, opts: SpeculativeOptions) -> None:
+    plans_length = True
+
+    def __init__(self, opts: SpeculativeOptions, cost: VerifyCost | None = None) -> None:
         self.opts = opts
+        self.cost = cost or VerifyCost()
+        self.planners: list[LookupPlanner] = []
 
     def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
                 rng: np.random.Generator) -> Drafts:
-        rows = [lookup_draft(ids[r][mask[r] == 1], k, min_ngram=self.opts.min_ngram,
-                             max_ngram=self.opts.max_ngram) for r in range(ids.shape[0])]
+        if len(self.planners) != ids.shape[0]:
+            self.planners = [LookupPlanner(self.opts.max_draft_tokens, self.cost,
+                                           measured=sampling.greedy, adaptive=self.opts.adaptive,
+                                           min_ngram=self.opts.min_ngram,
+                                           max_ngram=self.opts.max_ngram, batch=ids.shape[0])
+                             for _ in range(ids.shape[0])]
+        rows = [self.planners[r].propose(ids[r][mask[r] == 1], k) for r in range(ids.shape[0])]
         return Drafts(rows, [None] * len(rows))
 
     def begin(self, batch: int, capacity: int) -> None:
-        pass  # stateless: the context is the whole lookup table
+        self.planners = []  # made on the first proposal, which knows the sampling options
+
+    def observe(self, drafted: int, accepted: dict[int, int], advanced: int,
+                seconds: float) -> None:
+        self.cost.observe(len(self.planners) or 1, drafted + 1, seconds)
+        for r, planner in enumerate(self.planners):
+            planner.update(drafted, accepted.get(r, 0), advanced)
 
 
 def draft_window(backend: Backend) -> int:
@@ -104,8 +135,9 @@ class SpeculativeGeneration(BatchGeneration):
                  options: GenerationOptions, drafter: Drafter, spec: SpeculativeOptions) -> None:
         super().__init__(backend, tokenizer, prompts, options)
         self.drafter = drafter
+        # a drafter that plans its own lengths gets the whole window as its budget
         self.policy = AdaptiveDraftLength(min(spec.max_draft_tokens, draft_window(backend)),
-                                          spec.adaptive)
+                                          spec.adaptive and not getattr(drafter, "plans_length", False))
         # ONNX Runtime's GroupQueryAttention runs a batch > 1 over a past one token at a time:
         # verification would cost k + 1 plain steps, so such batches decode plainly.
         self.speculating = backend.verifies_in_one_forward(len(self.prompts))
@@ -166,9 +198,10 @@ class SpeculativeGeneration(BatchGeneration):
         for r in np.flatnonzero(live):
             feed[r, 1:] = drafts.tokens[r][:k]
         mask = np.concatenate([ctx_mask, np.ones_like(feed[:, 1:])], axis=1)
-        engine0 = self._engine_seconds()
+        engine0, t0 = self._engine_seconds(), time.perf_counter()
         logits = self.backend.forward_tail(feed, positions_from_mask(mask, k + 1), mask, cache,
                                            k + 1)
+        forward_seconds = time.perf_counter() - t0
         verdicts = {}
         for r in np.flatnonzero(live):
             probs = drafts.probs[r]
@@ -181,6 +214,8 @@ class SpeculativeGeneration(BatchGeneration):
             cols[r] = v.tokens[:m + 1]
         self.backend.truncate(cache, cache.length - k + m)
         self.policy.update(k, m)
+        if observe := getattr(self.drafter, "observe", None):
+            observe(k, {int(r): v.accepted for r, v in verdicts.items()}, m, forward_seconds)
         s = self.stats
         s.decode_engine_seconds += self._engine_seconds() - engine0
         s.decode_steps += 1

@@ -42,7 +42,7 @@ class SpeculativeOptions:
     draft_variant: str | None = None  # None: the draft bundle's default variant
     max_draft_tokens: int = 8
     adaptive: bool = True
-    min_ngram: int = 2
+    min_ngram: int = 1
     max_ngram: int = 8
 
     def __post_init__(self) -> None:
@@ -69,6 +69,33 @@ class SpeculativeOptions:
 
 
 # ---- drafting by prompt lookup --------------------------------------------------------------
+def lookup_candidates(tokens: Sequence[int] | np.ndarray, *, min_ngram: int = 2,
+                      max_ngram: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Where a draft could be copied from: ``(starts, lengths)``, one entry per earlier position
+    whose preceding tokens agree with the context's suffix for ``lengths`` (>= ``min_ngram``,
+    capped at ``max_ngram``) tokens; the draft starts at ``starts`` (ascending)."""
+    seq = np.asarray(tokens, dtype=np.int64)
+    n = len(seq)
+    none = np.zeros(0, dtype=np.int64)
+    if n < min_ngram + 1:
+        return none, none
+    cand = np.flatnonzero(seq[:-1] == seq[-1])  # match ends here; the draft starts after it
+    if len(cand) == 0:
+        return none, none
+    length = np.ones(len(cand), dtype=np.int64)
+    alive = np.ones(len(cand), dtype=bool)
+    for back in range(1, max_ngram):
+        ok = alive & (cand - back >= 0)
+        idx = np.where(ok, cand - back, 0)
+        ok &= seq[idx] == seq[n - 1 - back]
+        length += ok
+        alive = ok
+        if not alive.any():
+            break
+    keep = length >= min_ngram
+    return cand[keep] + 1, length[keep]
+
+
 def lookup_draft(tokens: Sequence[int] | np.ndarray, k: int, *, min_ngram: int = 2,
                  max_ngram: int = 8) -> list[int]:
     """Up to ``k`` tokens that followed the longest earlier match of the context's suffix.
@@ -80,28 +107,148 @@ def lookup_draft(tokens: Sequence[int] | np.ndarray, k: int, *, min_ngram: int =
     back), then the most recent (the likeliest to be where a rewrite currently is). Empty when
     nothing matches.
     """
-    seq = np.asarray(tokens, dtype=np.int64)
-    n = len(seq)
-    if k < 1 or n < min_ngram + 1:
+    if k < 1:
         return []
-    cand = np.flatnonzero(seq[:-1] == seq[-1])  # match ends here; the draft starts after it
-    if len(cand) == 0:
+    starts, length = lookup_candidates(tokens, min_ngram=min_ngram, max_ngram=max_ngram)
+    if len(starts) == 0:
         return []
-    length = np.ones(len(cand), dtype=np.int64)
-    alive = np.ones(len(cand), dtype=bool)
-    for back in range(1, max_ngram):
-        ok = alive & (cand - back >= 0)
-        idx = np.where(ok, cand - back, 0)
-        ok &= seq[idx] == seq[n - 1 - back]
-        length += ok
-        alive = ok
-        if not alive.any():
-            break
-    if int(length.max()) < min_ngram:
-        return []
-    score = length * (k + 1) + np.minimum(n - 1 - cand, k)
-    start = int(cand[np.flatnonzero(score == score.max())[-1]]) + 1
-    return [int(t) for t in seq[start:start + k]]
+    n = len(tokens)
+    score = length * (k + 1) + np.minimum(n - starts, k)
+    start = int(starts[np.flatnonzero(score == score.max())[-1]])
+    return [int(t) for t in tokens[start:start + k]]
+
+
+class VerifyCost:
+    """What one forward of ``T`` new tokens costs, in plain decode steps (``T = 1`` costs 1).
+
+    Prior: ``1 + PRIOR_SLOPE * (T - 1)`` (measured on a 2-core AVX2 CPU: 1.09 / 1.42 / 2.11 at
+    T = 2 / 5 / 9 for the Qwen2.5 1.5B int8 graph, 2.3 at 9 for SmolLM2, 3.1 for MatMulNBits
+    int8 blocks; a GPU or an fp32 graph, bound by weight reads, is flatter). :meth:`observe`
+    learns the real times per (batch, T) as they come: a moving average per point, linear in
+    between, the prior's slope past the last point measured (so a longer draft gets tried and
+    measured). ``measured=False`` reads the prior only: the clock then never changes a
+    decision, and a seeded sampled text is reproducible.
+    """
+
+    PRIOR_SLOPE = 0.15
+    DECAY = 0.8  # weight of the previous average per new sample
+
+    def __init__(self) -> None:
+        self._ms: dict[tuple[int, int], float] = {}
+
+    def observe(self, batch: int, tokens: int, seconds: float) -> None:
+        key = (batch, tokens)
+        old = self._ms.get(key)
+        ms = seconds * 1e3
+        self._ms[key] = ms if old is None else self.DECAY * old + (1 - self.DECAY) * ms
+
+    def steps(self, tokens: int, batch: int = 1, measured: bool = True) -> float:
+        prior = 1.0 + self.PRIOR_SLOPE * (tokens - 1)
+        one = self._ms.get((batch, 1))
+        if not measured or one is None or tokens <= 1:
+            return prior if tokens > 1 else 1.0
+        known = {1: 1.0, **{t: ms / one for (b, t), ms in self._ms.items() if b == batch}}
+        if tokens in known:
+            return known[tokens]
+        lo = max(t for t in known if t < tokens)
+        hi = min((t for t in known if t > tokens), default=None)
+        if hi is None:
+            return known[lo] + self.PRIOR_SLOPE * (tokens - lo)
+        w = (tokens - lo) / (hi - lo)
+        return (1 - w) * known[lo] + w * known[hi]
+
+
+class LookupPlanner:
+    """Prompt-lookup drafting for one row: which earlier text to copy, and how much of it.
+
+    *Where from.* The candidates of :func:`lookup_candidates` (a 1-token match is enough). The
+    one continuing the last copy (its start is just past the last draft's kept tokens) wins
+    unless it runs into the end of the context sooner than another; then the longest match,
+    the one with the most tokens after it, the nearest after the last copy (a rewrite walks its
+    source forwards), the most recent.
+
+    *How much.* Each draft token is kept with a probability ``p`` estimated per match length
+    (1, 2, 3, 4+ tokens, or a continuation of the last copy) from the verifications seen so far
+    (a moving average, prior 1/2). Drafting ``k`` tokens then yields ``1 + p + ... + p^k``
+    tokens for ``cost.steps(k + 1)`` steps; the planner drafts the ``k`` with the most tokens
+    per step, 0 (a plain step) when none beats it. So text the context does not predict
+    decodes plainly, while a long copy drafts as far as the forward stays cheap. An estimate
+    that drafting stopped using drifts back towards the prior, so a later copy is found again.
+    ``adaptive=False``: always the best candidate's full ``k``.
+    """
+
+    PRIOR = (1.0, 2.0)  # (kept, tried) pseudo-counts: p = 1/2 before any evidence
+    DECAY = 0.9  # per verified draft position
+    RELAX = 0.98  # per plain step chosen over an available draft
+    BUCKETS = 5  # match lengths 1, 2, 3, 4+; index 4: the continuation of the last copy
+
+    def __init__(self, max_k: int, cost: VerifyCost, *, measured: bool = True,
+                 adaptive: bool = True, min_ngram: int = 1, max_ngram: int = 8,
+                 batch: int = 1) -> None:
+        self.max_k, self.cost, self.measured, self.adaptive = max_k, cost, measured, adaptive
+        self.min_ngram, self.max_ngram, self.batch = min_ngram, max_ngram, batch
+        self._kept = np.full(self.BUCKETS, self.PRIOR[0])
+        self._tried = np.full(self.BUCKETS, self.PRIOR[1])
+        self._copy_end: int | None = None  # where the last copy would continue
+        self._source: tuple[int, int] | None = None  # (start, bucket) of the pending draft
+
+    def keep_rate(self, bucket: int) -> float:
+        return float(self._kept[bucket] / self._tried[bucket])
+
+    def propose(self, tokens: Sequence[int] | np.ndarray, k: int) -> list[int]:
+        """Up to ``k`` (<= ``max_k``) drafts after ``tokens`` (the row's whole context)."""
+        self._source = None
+        k = min(k, self.max_k)
+        if k < 1:
+            return []
+        starts, length = lookup_candidates(tokens, min_ngram=self.min_ngram,
+                                           max_ngram=self.max_ngram)
+        if len(starts) == 0:
+            return []
+        n, end = len(tokens), self._copy_end
+        room = np.minimum(n - starts, k)
+        full = room == room.max()  # e.g. not the latest match in a repeating run
+        carry_on = full & (starts == end) if end is not None else np.zeros(len(starts), bool)
+        ahead = np.where(starts >= end, starts - end, n) if end is not None else np.full_like(starts, n)
+        # best last: continues the copy, match length, room, nearness after the copy, recency
+        pick = int(np.lexsort((np.arange(len(starts)), -ahead, room, length, carry_on))[-1])
+        start = int(starts[pick])
+        bucket = self.BUCKETS - 1 if carry_on[pick] else min(int(length[pick]), 4) - 1
+        size = int(room[pick]) if not self.adaptive else self._best_size(bucket, int(room[pick]))
+        if size == 0:  # a plain step: let the unused estimate drift back towards the prior
+            self._kept[bucket] = self.RELAX * self._kept[bucket] + (1 - self.RELAX) * self.PRIOR[0]
+            self._tried[bucket] = self.RELAX * self._tried[bucket] + (1 - self.RELAX) * self.PRIOR[1]
+            return []
+        self._source = (start, bucket)
+        return [int(t) for t in tokens[start:start + size]]
+
+    def _best_size(self, bucket: int, room: int) -> int:
+        p = self.keep_rate(bucket)
+        best, size, expected, chain = 1.0, 0, 1.0, 1.0
+        for j in range(1, room + 1):
+            chain *= p
+            expected += chain
+            rate = expected / self.cost.steps(j + 1, self.batch, self.measured)
+            if rate > best:
+                best, size = rate, j
+        return size
+
+    def update(self, drafted: int, accepted: int, advanced: int | None = None) -> None:
+        """After a verification of ``drafted`` of this planner's drafts (0: a plain step), of
+        which the target kept ``accepted``; the row then moved ``advanced + 1`` tokens on
+        (default ``accepted``; fewer when a batch keeps only what every row accepted)."""
+        advanced = accepted if advanced is None else advanced
+        if drafted == 0 or self._source is None:
+            if self._copy_end is not None:
+                self._copy_end += advanced + 1
+            return
+        start, bucket = self._source
+        if self.adaptive:
+            tried = accepted + (accepted < drafted)
+            self._kept[bucket] = self._kept[bucket] * self.DECAY ** tried + accepted
+            self._tried[bucket] = self._tried[bucket] * self.DECAY ** tried + tried
+        self._copy_end = start + advanced + 1
+        self._source = None
 
 
 # ---- verification -----------------------------------------------------------------------------

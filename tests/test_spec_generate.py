@@ -17,6 +17,7 @@ from llama_export.runtime.bundle import make_options
 from llama_export.runtime.errors import InputError
 from llama_export.runtime.generate import left_pad, positions_from_mask
 from llama_export.runtime.spec_generate import Drafts, SpeculativeGeneration
+from llama_export.runtime.speculative import VerifyCost
 
 PROMPTS = ["abcabcabcabc", "the cat sat on the mat; the cat sat on", "x",
            "def f(a):\n    return a + 1\n\ndef g(a):\n    return", "0123456789012345"]
@@ -307,3 +308,27 @@ def test_tail_window_export_and_chunked_calibration_logits(tiny_tail_bundle: Pat
     for g, w in zip(got, want, strict=True):
         assert g.shape == (17, m.vocab_size)
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_seeded_sampling_with_lookup_does_not_depend_on_measured_costs(graphs: Any) -> None:
+    """Sampled text plans drafts with the prior cost only: timings a greedy generation taught
+    the model (here: a machine where a long verification is dear, which does change how a
+    greedy generation drafts) leave a seeded sampled text as it was."""
+    model = graphs["ort"]
+    ids = [model.encode("abcab" * 6)]
+    sampled = {**SAMPLING, "max_new_tokens": 40, "speculative": "lookup", "seed": 7}
+    greedy = {"max_new_tokens": 40, "eos_token_ids": (), "speculative": "lookup"}
+    saved = model._verify_cost
+    try:
+        model._verify_cost = VerifyCost()
+        before = model.generate_ids(ids, **sampled)[0].tokens
+        model._verify_cost = VerifyCost()
+        model.generate_ids(ids, **greedy)
+        drafted = model.last_generation.stats.drafted_tokens
+        for t in range(1, 17):
+            model._verify_cost.observe(1, t, 0.001 * t * t)
+        model.generate_ids(ids, **greedy)
+        assert model.last_generation.stats.drafted_tokens < drafted
+        assert model.generate_ids(ids, **sampled)[0].tokens == before
+    finally:
+        model._verify_cost = saved

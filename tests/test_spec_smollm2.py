@@ -45,9 +45,11 @@ def test_lookup_identity_batch1(smol: Any) -> None:
     prompts = _prompts(smol, {"code-rename", "doc-extract", "chat-story", "chat-advice"})
     for ids in prompts["grounded"]:
         stats = _identical(smol, [ids], 64, "lookup")
-        assert stats.acceptance_rate is not None and stats.acceptance_rate > 0.3
-        # measured 1.43 tokens per forward on the weakest prompt (doc-extract)
-        assert stats.tokens_per_forward is not None and stats.tokens_per_forward > 1.25
+        # the planner drafts freely where a forward of several tokens costs little (fp32 here),
+        # so the acceptance rate says little; tokens per forward is the gain
+        assert stats.accepted_tokens > 10
+        # measured 1.47 tokens per forward on the weakest prompt (code-rename)
+        assert stats.tokens_per_forward is not None and stats.tokens_per_forward > 1.3
     for ids in prompts["chat"]:
         _identical(smol, [ids], 48, "lookup")
 

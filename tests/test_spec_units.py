@@ -14,7 +14,9 @@ from llama_export.runtime.errors import BundleError, InputError
 from llama_export.runtime.sampling import SamplingOptions, logits_to_probs, sample
 from llama_export.runtime.speculative import (
     AdaptiveDraftLength,
+    LookupPlanner,
     SpeculativeOptions,
+    VerifyCost,
     lookup_draft,
     verify_row,
 )
@@ -162,6 +164,82 @@ def test_adaptive_length_grows_shrinks_and_pauses_on_misses() -> None:
     fixed.update(7, 0)
     fixed.update(7, 0)
     assert fixed.budget() == 7
+
+
+# ---- the lookup planner: cost model, draft length, source ----------------------------------
+def test_verify_cost_prior_then_learned_per_batch() -> None:
+    cost = VerifyCost()
+    assert cost.steps(1) == 1.0
+    assert cost.steps(5) == pytest.approx(1 + 4 * VerifyCost.PRIOR_SLOPE)  # nothing measured
+    cost.observe(1, 5, 0.020)
+    assert cost.steps(5) == pytest.approx(1.6)  # no plain step measured yet: still the prior
+    cost.observe(1, 1, 0.010)
+    assert cost.steps(5) == pytest.approx(2.0)
+    assert cost.steps(3) == pytest.approx(1.5)  # linear between the points measured
+    assert cost.steps(7) == pytest.approx(2.0 + 2 * VerifyCost.PRIOR_SLOPE)  # past the last one
+    cost.observe(1, 5, 0.030)  # a moving average
+    assert cost.steps(5) == pytest.approx((0.8 * 20 + 0.2 * 30) / 10)
+    assert cost.steps(5, measured=False) == pytest.approx(1.6)  # sampled text: the prior only
+    assert cost.steps(5, batch=2) == pytest.approx(1.6)  # batch 2 has its own points
+
+
+def _copy_run(planner: LookupPlanner, prompt: list[int], source: list[int],
+              steps: int) -> list[int]:
+    """Drive the planner over an answer that copies ``source`` verbatim; the draft sizes."""
+    out, sizes = [source[0]], []
+    while len(sizes) < steps:
+        draft = planner.propose(prompt + out, 8)
+        truth = source[len(out):len(out) + len(draft) + 1]
+        assert draft == truth[:len(draft)]  # copying verbatim: every draft is right
+        planner.update(len(draft), len(draft))
+        out += truth
+        sizes.append(len(draft))
+    return sizes
+
+
+def test_planner_drafts_longer_as_a_copy_keeps_being_accepted() -> None:
+    source = list(range(100, 200))
+    prompt = [1, 2, *source, 3]
+    sizes = _copy_run(LookupPlanner(8, VerifyCost()), prompt, source, 8)
+    assert sizes[0] == 2  # prior: keep rate 1/2, a forward of T tokens costs 1 + 0.15 (T - 1)
+    assert sizes == sorted(sizes) and sizes[-1] == 8
+    # where a forward of several tokens costs several steps, the same evidence drafts less
+    steep = VerifyCost()
+    for t in range(1, 10):
+        steep.observe(1, t, 0.010 * (1 + 0.6 * (t - 1)))
+    assert max(_copy_run(LookupPlanner(8, steep), prompt, source, 8)) < 8
+    assert _copy_run(LookupPlanner(8, VerifyCost(), adaptive=False), prompt, source, 2) == [8, 8]
+
+
+def test_planner_stops_drafting_where_drafts_miss_then_probes_again() -> None:
+    planner = LookupPlanner(8, VerifyCost())
+    ctx = [5, 6, 7, 5]  # the suffix [5] always finds a draft: [6, 7, 5]
+    misses = 0
+    while draft := planner.propose(ctx, 8):
+        planner.update(len(draft), 0)  # rejected outright
+        misses += 1
+        assert misses < 20
+    assert misses >= 3  # a prior of 1/2 survives a few misses
+    plain = 0
+    while not planner.propose(ctx, 8):  # plain steps: the estimate drifts back to the prior
+        planner.update(0, 0)
+        plain += 1
+        assert plain < 60
+    assert plain >= 3
+
+
+def test_planner_continues_its_copy_before_the_most_recent_match() -> None:
+    ctx = [50, 51, 52, 53, 7, 60, 54, 7, 61, 55, 7, 62, 50]
+    planner = LookupPlanner(8, VerifyCost(), adaptive=False)
+    assert planner.propose(ctx, 2) == [51, 52]  # the only match of [50]
+    planner.update(2, 2)  # both kept; the row's next token is the target's 99
+    ctx += [51, 52, 99]
+    assert planner.propose(ctx, 2) == []  # no match of [99]: a plain step, which gives 7
+    planner.update(0, 0)
+    ctx += [7]
+    # three 1-token matches of [7]; the copy went on from 53 (position 3) to position 5
+    assert planner.propose(ctx, 2) == [60, 54]
+    assert lookup_draft(ctx, 2, min_ngram=1) == [62, 50]  # without a copy: the most recent
 
 
 # ---- options and modes --------------------------------------------------------------------------

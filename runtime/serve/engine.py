@@ -44,7 +44,7 @@ from llama_export.runtime.sampling import SamplingOptions, sample
 from llama_export.runtime.serve.metrics import EngineMetrics, MetricsSnapshot
 from llama_export.runtime.serve.slots import AlignedSlots, Layout, RowSlots, SlotState, StepPlan
 from llama_export.runtime.spec_generate import draft_window
-from llama_export.runtime.speculative import AdaptiveDraftLength, lookup_draft, verify_row
+from llama_export.runtime.speculative import LookupPlanner, VerifyCost, verify_row
 
 FinishReason = Literal["eos", "stop", "length", "context", "cancelled", "error"]
 LAYOUTS = ("auto", "rows", "aligned")
@@ -143,7 +143,7 @@ class Seq(SlotState):
     max_new: int = 0
     prefilled: int = 0
     tokens: list[int] = field(default_factory=list)  # every sampled token, EOS included
-    drafts: AdaptiveDraftLength | None = None  # speculation: this request's draft length
+    drafts: LookupPlanner | None = None  # speculation: this request's drafting
     cancelled: bool = False
     done: bool = False
     t_submit: float = 0.0
@@ -186,6 +186,7 @@ class Engine:
         self._drain = True
         self._vocab = model.manifest.vocab_size
         self._draft_max = 0  # 0: no speculation
+        self._verify_cost = VerifyCost()  # what a lone row's T-token forward costs (lookup plans)
         if self.options.speculative:
             if not isinstance(self.layout, RowSlots):
                 raise InputError("speculation in the serve engine needs the row layout (the "
@@ -369,6 +370,8 @@ class Engine:
         first, logits = self.layout.run(StepPlan(chunk, [s.tokens[-1] for s in decoders]))
         dt = time.perf_counter() - t0
         self.metrics.step(dt, len(decoders), prefill=bool(chunk))
+        if self._draft_max:
+            self._plain_step_seen(decoders, dt, prefill=bool(chunk))
         if logits is not None:
             for seq, token in zip(decoders, self._sample(decoders, logits), strict=True):
                 self._accept(seq, int(token))
@@ -378,6 +381,16 @@ class Engine:
                 self.metrics.first_token(time.perf_counter() - pre.t_submit, len(pre.prompt))
                 self.layout.promote(pre)
                 self._accept(pre, int(self._sample([pre], first[None])[0]))
+
+    def _plain_step_seen(self, decoders: list[Seq], seconds: float, *, prefill: bool) -> None:
+        """Speculation's bookkeeping after a plain step: a lone row's step time is what a
+        verification competes with, and every row moved one token on (where its last copy
+        would continue)."""
+        if not prefill and len(decoders) == 1:
+            self._verify_cost.observe(1, 1, seconds)
+        for seq in decoders:
+            if seq.drafts is not None:
+                seq.drafts.update(0, 0)
 
     def _speculate(self, seq: Seq) -> bool:
         """One prompt-lookup step for the only running request: draft from its prompt and
@@ -392,19 +405,21 @@ class Engine:
         if len(seq.tokens) < seq.options.min_tokens and seq.eos:
             return False
         if seq.drafts is None:
-            seq.drafts = AdaptiveDraftLength(self._draft_max)
-        budget = min(seq.drafts.budget(), self.capacity - seq.length - 1,
-                     seq.max_new - len(seq.tokens) - 1)
-        draft = lookup_draft([*seq.prompt, *seq.tokens], budget) if budget > 0 else []
+            seq.drafts = LookupPlanner(self._draft_max, self._verify_cost,
+                                       measured=seq.options.sampling.greedy)
+        budget = min(self.capacity - seq.length - 1, seq.max_new - len(seq.tokens) - 1)
+        draft = seq.drafts.propose([*seq.prompt, *seq.tokens], budget) if budget > 0 else []
         if not draft:
             return False
         assert isinstance(self.layout, RowSlots)
         t0, before = time.perf_counter(), seq.length
         logits = self.layout.verify(seq, [seq.tokens[-1], *draft])
+        dt = time.perf_counter() - t0
         verdict = verify_row(logits, draft, seq.options.sampling, seq.rng or _UNUSED_RNG,
                              seen=None if seq.seen is None else seq.seen[0])
         seq.length = before + 1 + verdict.accepted  # the fed token and the kept drafts
         seq.drafts.update(len(draft), verdict.accepted)
+        self._verify_cost.observe(1, len(draft) + 1, dt)
         self.metrics.step(time.perf_counter() - t0, 1, prefill=False)
         self.metrics.speculation(len(draft), verdict.accepted)
         for token in verdict.tokens:  # token by token: stops and limits exactly as plain
