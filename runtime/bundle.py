@@ -79,6 +79,11 @@ class Model:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
+    @property
+    def verify_cost(self) -> VerifyCost:
+        """What a forward of T new tokens costs here, as prompt-lookup speculation learned it."""
+        return self._verify_cost
+
     def render_chat(self, messages: Sequence[Message]) -> str:
         tok = self.tokenizer
         return render_chat(tok.chat_template, messages, bos_token=tok.token_text(tok.bos_token_id),

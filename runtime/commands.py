@@ -161,6 +161,15 @@ def bench(bundle: str, prompt_len: int, gen_len: int, batch: int, runs: int, thr
                                "results": [r.as_dict() for r in results]}, indent=2))
     else:
         click.echo(b.format_table(results))
+        _echo_verify_cost(model, speculative)
+
+
+def _echo_verify_cost(model: Any, speculative: Any) -> None:
+    """The verification costs prompt lookup learned while drafting (what its plans rest on)."""
+    points = model.verify_cost.measured_steps() if speculative is not None else {}
+    if len(points) > 1:
+        click.echo("verification cost here, in plain steps (T new tokens, learned while "
+                   "drafting): " + ", ".join(f"T={t} {v:.2f}" for t, v in points.items()))
 
 
 def _bench_tasks(model: Any, opts: Any, tasks: str, speculative: Any, as_json: bool) -> None:
@@ -185,3 +194,4 @@ def _bench_tasks(model: Any, opts: Any, tasks: str, speculative: Any, as_json: b
                                "results": [r.as_dict() for r in results]}, indent=2))
         return
     click.echo(b.format_table(results, pairs))
+    _echo_verify_cost(model, speculative)

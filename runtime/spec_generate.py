@@ -94,6 +94,7 @@ class LookupDrafter:
         self.opts = opts
         self.cost = cost or VerifyCost()
         self.planners: list[LookupPlanner] = []
+        self.batch = 1
 
     def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
                 rng: np.random.Generator) -> Drafts:
@@ -108,10 +109,11 @@ class LookupDrafter:
 
     def begin(self, batch: int, capacity: int) -> None:
         self.planners = []  # made on the first proposal, which knows the sampling options
+        self.batch = batch
 
     def observe(self, drafted: int, accepted: dict[int, int], advanced: int,
                 seconds: float) -> None:
-        self.cost.observe(len(self.planners) or 1, drafted + 1, seconds)
+        self.cost.observe(self.batch, drafted + 1, seconds)
         for r, planner in enumerate(self.planners):
             planner.update(drafted, accepted.get(r, 0), advanced)
 

@@ -142,6 +142,13 @@ class VerifyCost:
         ms = seconds * 1e3
         self._ms[key] = ms if old is None else self.DECAY * old + (1 - self.DECAY) * ms
 
+    def measured_steps(self, batch: int = 1) -> dict[int, float]:
+        """The points learned so far, ``{T: steps}`` (empty before a plain step is timed)."""
+        one = self._ms.get((batch, 1))
+        if one is None:
+            return {}
+        return {t: ms / one for (b, t), ms in sorted(self._ms.items()) if b == batch}
+
     def steps(self, tokens: int, batch: int = 1, measured: bool = True) -> float:
         prior = 1.0 + self.PRIOR_SLOPE * (tokens - 1)
         one = self._ms.get((batch, 1))

@@ -274,6 +274,8 @@ def test_cli_generate_and_bench_with_speculation(tiny_tail_bundle: Path,
     assert plain_row.split()[0] == "ours:ort" and plain_row.split()[5:7] == ["-", "-"]
     assert spec_row.split()[0] == "ours:ort+lookup" and spec_row.split()[5].endswith("%")
     assert "acceptance" in out.err and "tokens/forward" in out.err
+    cost_line = out.out.splitlines()[-1]  # what the planner learned: T=1 is the unit
+    assert cost_line.startswith("verification cost here, in plain steps") and "T=1 1.00" in cost_line
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", str(tiny_tail_bundle), "--tasks", "grounded", "--speculative", "lookup"])
     assert exit_info.value.code == 2
