@@ -1,4 +1,4 @@
-"""Speculative decoding, the per-row core: draft by prompt lookup, verify, adapt the draft length.
+"""Speculative decoding, the per-row core: plan a prompt-lookup draft, verify, learn from it.
 
     context ──propose──► draft d1..dk ──target forward of [last, d1..dk] (one weight read)──►
         logits at k+1 positions ──accept──► d1..da + one token of the target's own ──► emit a+1
@@ -145,14 +145,14 @@ class VerifyCost:
     def measured_steps(self, batch: int = 1) -> dict[int, float]:
         """The points learned so far, ``{T: steps}`` (empty before a plain step is timed)."""
         one = self._ms.get((batch, 1))
-        if one is None:
+        if not one:
             return {}
         return {t: ms / one for (b, t), ms in sorted(self._ms.items()) if b == batch}
 
     def steps(self, tokens: int, batch: int = 1, measured: bool = True) -> float:
         prior = 1.0 + self.PRIOR_SLOPE * (tokens - 1)
         one = self._ms.get((batch, 1))
-        if not measured or one is None or tokens <= 1:
+        if not measured or not one or tokens <= 1:
             return prior if tokens > 1 else 1.0
         known = {1: 1.0, **{t: ms / one for (b, t), ms in self._ms.items() if b == batch}}
         if tokens in known:
