@@ -31,7 +31,8 @@ _GRAPH_HELP = ("ONNX Runtime graph: auto = the ONNX-Runtime-optimized graph on C
 
 _SPEC_HELP = ("Speculative decoding: lookup (drafts copied from the prompt / text so far) or "
               "draft:BUNDLE (a smaller bundle with the same tokenizer). Greedy text is unchanged.")
-_DRAFT_TOKENS_HELP = "Most drafts verified per forward (adaptive below it)."
+_DRAFT_TOKENS_HELP = ("Most drafts verified per forward (below it, lookup picks each draft's "
+                      "length from the acceptance and forward costs it measures).")
 
 
 def _speculative(spec: str | None, draft_tokens: int) -> Any:
