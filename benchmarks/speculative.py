@@ -141,7 +141,13 @@ def main() -> None:
             runners[f"{cat}:genai-ngram"] = genai_runner(genai_dir, tasks, a.gen_len, 3)
     log(f"{a.variant}, {a.threads} threads, {a.runs} measured rounds + 1 warm-up, interleaved")
     results = interleave(runners, a.runs)
-    print(json.dumps(results, indent=2) if a.json else table(results))
+    learned = model.verify_cost.measured_steps()
+    if a.json:
+        print(json.dumps({**results, "verify_cost_steps": learned}, indent=2))
+    else:
+        print(table(results))
+        print("verification cost learned (plain steps): "
+              + ", ".join(f"T={t} {v:.2f}" for t, v in learned.items()))
     sys.stdout.flush()
 
 
