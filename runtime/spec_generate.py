@@ -59,11 +59,7 @@ class Drafts:
 
 
 class Drafter(Protocol):
-    """``plans_length`` (optional, default False): propose() picks each row's draft length
-    within the budget (else the generation's AdaptiveDraftLength sets the budget);
-    ``observe`` (optional) hears how each verification went."""
-
-    plans_length: bool
+    plans_length: bool  # propose() picks each row's length (else AdaptiveDraftLength does)
 
     def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: SamplingOptions,
                 rng: np.random.Generator) -> Drafts:
@@ -139,7 +135,7 @@ class SpeculativeGeneration(BatchGeneration):
         self.drafter = drafter
         # a drafter that plans its own lengths gets the whole window as its budget
         self.policy = AdaptiveDraftLength(min(spec.max_draft_tokens, draft_window(backend)),
-                                          spec.adaptive and not getattr(drafter, "plans_length", False))
+                                          spec.adaptive and not drafter.plans_length)
         # ONNX Runtime's GroupQueryAttention runs a batch > 1 over a past one token at a time:
         # verification would cost k + 1 plain steps, so such batches decode plainly.
         self.speculating = backend.verifies_in_one_forward(len(self.prompts))
@@ -216,8 +212,8 @@ class SpeculativeGeneration(BatchGeneration):
             cols[r] = v.tokens[:m + 1]
         self.backend.truncate(cache, cache.length - k + m)
         self.policy.update(k, m)
-        if observe := getattr(self.drafter, "observe", None):
-            observe(k, {int(r): v.accepted for r, v in verdicts.items()}, m, forward_seconds)
+        self.drafter.observe(k, {int(r): v.accepted for r, v in verdicts.items()}, m,
+                             forward_seconds)
         s = self.stats
         s.decode_engine_seconds += self._engine_seconds() - engine0
         s.decode_steps += 1

@@ -122,8 +122,9 @@ class VerifyCost:
     """What one forward of ``T`` new tokens costs, in plain decode steps (``T = 1`` costs 1).
 
     Prior: ``1 + PRIOR_SLOPE * (T - 1)`` (measured on a 2-core AVX2 CPU: 1.09 / 1.42 / 2.11 at
-    T = 2 / 5 / 9 for the Qwen2.5 1.5B int8 graph, 2.3 at 9 for SmolLM2, 3.1 for MatMulNBits
-    int8 blocks; a GPU or an fp32 graph, bound by weight reads, is flatter). :meth:`observe`
+    T = 2 / 5 / 9 for the Qwen2.5 1.5B ``--ort-int8 w8a8`` graph, 2.2 at 9 for SmolLM2's and
+    2.5 with ``w8a8-blocks``, 3.1 for the 1.5B's ``w8a8-blocks``; a GPU or an fp32 graph, bound
+    by weight reads, is flatter). :meth:`observe`
     learns the real times per (batch, T) as they come: a moving average per point, linear in
     between, the prior's slope past the last point measured (so a longer draft gets tried and
     measured). ``measured=False`` reads the prior only: the clock then never changes a
@@ -149,20 +150,22 @@ class VerifyCost:
             return {}
         return {t: ms / one for (b, t), ms in sorted(self._ms.items()) if b == batch}
 
+    def curve(self, upto: int, batch: int = 1, measured: bool = True) -> np.ndarray:
+        """``[steps(1), ..., steps(upto)]``: the points measured, linear in between, the prior's
+        slope past the last one; the prior alone when nothing is measured or ``measured=False``."""
+        t = np.arange(1, upto + 1, dtype=np.float64)
+        points = self.measured_steps(batch) if measured else {}
+        if len(points) < 2:
+            out: np.ndarray = 1.0 + self.PRIOR_SLOPE * (t - 1)
+            return out
+        xs, ys = np.array(list(points), dtype=np.float64), np.array(list(points.values()))
+        out = np.interp(t, xs, ys)
+        past = t > xs[-1]
+        out[past] = ys[-1] + self.PRIOR_SLOPE * (t[past] - xs[-1])
+        return out
+
     def steps(self, tokens: int, batch: int = 1, measured: bool = True) -> float:
-        prior = 1.0 + self.PRIOR_SLOPE * (tokens - 1)
-        one = self._ms.get((batch, 1))
-        if not measured or not one or tokens <= 1:
-            return prior if tokens > 1 else 1.0
-        known = {1: 1.0, **{t: ms / one for (b, t), ms in self._ms.items() if b == batch}}
-        if tokens in known:
-            return known[tokens]
-        lo = max(t for t in known if t < tokens)
-        hi = min((t for t in known if t > tokens), default=None)
-        if hi is None:
-            return known[lo] + self.PRIOR_SLOPE * (tokens - lo)
-        w = (tokens - lo) / (hi - lo)
-        return (1 - w) * known[lo] + w * known[hi]
+        return float(self.curve(tokens, batch, measured)[-1])
 
 
 class LookupPlanner:
@@ -186,8 +189,8 @@ class LookupPlanner:
     """
 
     # Keep rate before any evidence, per bucket, as 2 pseudo-trials: about what the 1.5B and
-    # SmolLM2 showed on the built-in grounded prompts (0.2-0.36, 0.33-0.74, 0.73-0.81,
-    # 0.86-0.92, 0.58-0.94). A long match starting optimistic matters where a forward of
+    # SmolLM2 showed on the built-in grounded and chat prompts (0.19-0.36, 0.33-0.74,
+    # 0.73-0.81, 0.86-0.92, 0.58-0.94). A long match starting optimistic matters where a forward of
     # several tokens is dear: at p = 1/2 nothing would be drafted, so nothing learned.
     PRIOR_KEEP = (0.3, 0.55, 0.7, 0.85, 0.85)
     PRIOR_WEIGHT = 2.0
@@ -239,15 +242,10 @@ class LookupPlanner:
         return [int(t) for t in tokens[start:start + size]]
 
     def _best_size(self, bucket: int, room: int) -> int:
-        p = self.keep_rate(bucket)
-        best, size, expected, chain = 1.0, 0, 1.0, 1.0
-        for j in range(1, room + 1):
-            chain *= p
-            expected += chain
-            rate = expected / self.cost.steps(j + 1, self.batch, self.measured)
-            if rate > best:
-                best, size = rate, j
-        return size
+        """The k in 0..room with the most expected tokens per step (0: a plain step)."""
+        expected = np.cumsum(self.keep_rate(bucket) ** np.arange(room + 1))  # 1 + p + ... + p^k
+        rate = expected / self.cost.curve(room + 1, self.batch, self.measured)
+        return int(np.argmax(rate))  # the first of equals: the shorter draft
 
     def update(self, drafted: int, accepted: int, advanced: int | None = None) -> None:
         """After a verification of ``drafted`` of this planner's drafts (0: a plain step), of

@@ -178,10 +178,16 @@ class _GreedyPathDrafter:
     """Point-mass drafts (as prompt lookup's): the plain greedy continuation of the context,
     so drafts are often, not always, what sampling picks."""
 
+    plans_length = False
+
     def __init__(self, model: Any) -> None:
         self.model = model
 
     def begin(self, batch: int, capacity: int) -> None:
+        pass
+
+    def observe(self, drafted: int, accepted: dict[int, int], advanced: int,
+                seconds: float) -> None:
         pass
 
     def propose(self, ids: np.ndarray, mask: np.ndarray, k: int, sampling: Any,
