@@ -20,6 +20,7 @@ from llama_export.runtime.tempnames import temp_dir
 
 from .graph import save_model
 from .nbits import fuse_matmul_nbits
+from .unpadded import write_unpadded_graph
 
 SOURCE_VARIANT = "fp32"
 
@@ -63,7 +64,8 @@ def load_ort_graph(bundle: Path, manifest: Manifest,
 def ort_graph_entry(manifest: Manifest, file: str) -> dict[str, Any]:
     """A quantized variant's ``ort_graph`` entry: the fp32 one's properties, its own file."""
     src = manifest.variant(SOURCE_VARIANT)["ort_graph"]
-    return {**{k: v for k, v in src.items() if k not in ("file", "data_file", "parity")},
+    own = ("file", "data_file", "parity", "unpadded_file", "unpadded_parity")
+    return {**{k: v for k, v in src.items() if k not in own},
             "file": file, "source_file": src["file"]}
 
 
@@ -96,7 +98,10 @@ def write_variant(bundle: Path, manifest: Manifest, name: str, model: onnx.Model
             # weights while the session loads (calibration/nbits.py): store it fused.
             ort_model, ort_entry["matmul_nbits"] = fuse_matmul_nbits(ort_model)
             ort_entry["data_file"] = save_model(ort_model, tmp / ort_entry["file"])
-            names += [n for n in (ort_entry["data_file"], ort_entry["file"]) if n]
+            unpadded = write_unpadded_graph(tmp / ort_entry["file"])  # calibration/unpadded.py
+            if unpadded:
+                ort_entry["unpadded_file"] = unpadded
+            names += [n for n in (ort_entry["data_file"], unpadded, ort_entry["file"]) if n]
         for rel, text in (extra or {}).items():
             (tmp / rel).write_text(text, encoding="utf-8")
         names.append(entry["file"])
@@ -121,7 +126,7 @@ def _stale_files(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
     def files(v: dict[str, Any]) -> set[str]:
         g = v.get("ort_graph") or {}
-        return {f for f in (v.get("file"), v.get("data_file"), g.get("file"), g.get("data_file"))
-                if f}
+        return {f for f in (v.get("file"), v.get("data_file"), g.get("file"), g.get("data_file"),
+                            g.get("unpadded_file")) if f}
 
     return sorted(files(old) - files(new))

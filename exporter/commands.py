@@ -71,8 +71,11 @@ def verify(bundle: str, model: str | None, variant: str | None, steps: int, grap
     name = variant or manifest.default_variant()
     graphs = manifest.graphs(name) if graph == "all" else [graph]
     reference = load_reference(model)
-    for g in graphs:
+    runs = [(g, False) for g in graphs]
+    if "ort" in graphs and manifest.graph(name, "ort").get("unpadded_file"):
+        runs.append(("ort", True))  # its unpadded form (calibration/unpadded.py)
+    for g, unpadded in runs:
         report = verify_bundle(bundle, model, manifest=manifest, variant=name, steps=steps,
-                               reference=reference, graph=g,
+                               reference=reference, graph=g, unpadded=unpadded,
                                progress=lambda m: click.echo(m, err=True))
         click.echo(report.summary())

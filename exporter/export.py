@@ -33,13 +33,14 @@ from llama_export.runtime.tempnames import sweep_leftovers, temp_dir
 from .config import LlamaConfig
 from .hf_compat import check_transformers
 from .hf_files import hf_config_files
-from .model import LlamaDecoder
+from .model import Flavor, LlamaDecoder
 from .onnx_tidy import tidy_onnx_graphs
 from .ort_ops import CONTRIB_OPS, MS_DOMAIN, ort_graph_unsupported
 from .sources import Progress, Source, load_source
 
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
 ORT_GRAPH_FILES = {"fp32": "model.ort.onnx", "fp16": "model.fp16.ort.onnx"}
+ORT_UNPADDED_FILES = {"fp32": "model.ort.unpadded.onnx", "fp16": "model.fp16.ort.unpadded.onnx"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ def export_bundle(model: str | os.PathLike[str] | None, out: str | os.PathLike[s
                                        graph=graph, progress=progress,
                                        reference_cache=ref_cache)
                 (entry if graph == "standard" else entry["ort_graph"])["parity"] = report.to_dict()
+            if entry.get("ort_graph", {}).get("unpadded_file"):
+                report = verify_bundle(tmp, model, manifest=manifest, reference=ref, graph="ort",
+                                       unpadded=True, progress=progress,
+                                       reference_cache=ref_cache)
+                entry["ort_graph"]["unpadded_parity"] = report.to_dict()
         cost = {"export_seconds": round(t_verify - t0, 2),
                 "verify_seconds": round(time.perf_counter() - t_verify, 2),
                 "peak_rss_mb": round(peak_rss_mb())}
@@ -166,16 +172,21 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     files = {"standard": VARIANT_FILES[opts.dtype]}
     if opts.ort_graph:
         files["ort"] = ORT_GRAPH_FILES[opts.dtype]
+        # the same graph without the attention bias only left padding needs (the runtime runs
+        # it while no batch is left-padded; calibration/unpadded.py)
+        files["ort-unpadded"] = ORT_UNPADDED_FILES[opts.dtype]
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
     _check_names(cfg, src)
-    for flavor, file in files.items():
-        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,  # type: ignore[arg-type]
+    for graph, file in files.items():
+        flavor: Flavor = "standard" if graph == "standard" else "ort"
+        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,
                                               logits_tail=logits_window(opts.logits),
-                                              max_positions=max_seq)
+                                              max_positions=max_seq,
+                                              attention_bias=graph != "ort-unpadded")
         module = module.to(dtype).eval()
         progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
-                 f"{flavor} graph)")
+                 f"{graph} graph)")
         _trace(module, raw_dir / file, opts.opset, dtype)
         del module
     progress("saving ONNX")
@@ -228,6 +239,26 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False,
                           custom_opsets={MS_DOMAIN: 1} if module.flavor == "ort" else None)
+    _declare_unread_inputs(path, in_names, axes)
+
+
+def _declare_unread_inputs(path: Path, names: list[str], axes: dict[str, dict[int, str]]) -> None:
+    """Keep the IO contract when the trace dropped an input no node reads (the unpadded ``ort``
+    graph never reads ``position_ids``): declare it again, in the contract's order."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    have = {i.name: i for i in model.graph.input}
+    if all(n in have for n in names):
+        return
+    for name in names:
+        if name not in have:  # only the int64 (batch, seq|total) inputs can go unread
+            dims = [axes[name][d] for d in sorted(axes[name])]
+            have[name] = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, dims)
+    inputs = [have[n] for n in names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save_model(model, str(path))
 
 
 # Parameters larger than this are hidden from the exporter's whole-graph shape inference.
@@ -290,7 +321,8 @@ def _manifest_dict(src: Source, opts: ExportOptions, max_seq: int, files: dict[s
         "scheme": opts.dtype, "logits": opts.logits, "opset": opts.opset, "inputs": inputs,
         "outputs": outputs}
     if "ort" in files:
-        variant["ort_graph"] = ort_graph_entry(files["ort"])
+        variant["ort_graph"] = {**ort_graph_entry(files["ort"]),
+                                "unpadded_file": files["ort-unpadded"]}
     return {
         "format_version": FORMAT_VERSION,
         "model": cfg.to_manifest(),

@@ -99,7 +99,7 @@ class StepInputs:
 
     bts: tuple[int, int, int]
     rope: tuple[Tensor, Tensor]
-    mask: Tensor
+    mask: Tensor | None  # None: the ``ort`` graph's unpadded form (no attention bias)
     seqlens_k: Tensor | None = None
     total: Tensor | None = None
 
@@ -125,6 +125,7 @@ class Attention(nn.Module):
         B, T, S = step.bts
         cos, sin = step.rope
         mask = step.mask
+        assert mask is not None  # the standard graph always masks
         past_k, past_v = past
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, n_kv, T, hd)
@@ -201,15 +202,20 @@ class LlamaDecoder(nn.Module):
 
     ``past`` is ``k0, v0, k1, v1, ...`` each ``(B, n_kv, P, hd)``; ``attention_mask`` is
     ``(B, P + T)`` with 0 for (left) padding. ``logits_tail`` N keeps the last ``min(T, N)``
-    positions before ``lm_head`` (None: all; 1: ``--logits last``).
+    positions before ``lm_head`` (None: all; 1: ``--logits last``). ``attention_bias=False``
+    (``ort`` flavor): no mask for GroupQueryAttention, which then masks causality and each
+    row's length (``seqlens_k``) only: exact for masks without left padding, the ``ort`` graph's
+    unpadded form (calibration/unpadded.py says why).
     """
 
     def __init__(self, cfg: LlamaConfig, *, logits_tail: int | None = None,
-                 flavor: Flavor = "standard", max_positions: int | None = None) -> None:
+                 flavor: Flavor = "standard", max_positions: int | None = None,
+                 attention_bias: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.logits_tail = logits_tail
         self.flavor = flavor
+        self.attention_bias = attention_bias or flavor != "ort"
         self.model = LlamaModel(cfg, flavor)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -231,13 +237,14 @@ class LlamaDecoder(nn.Module):
     @classmethod
     def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, Tensor], *,
                         logits_tail: int | None = None, flavor: Flavor = "standard",
-                        max_positions: int | None = None) -> LlamaDecoder:
+                        max_positions: int | None = None, attention_bias: bool = True
+                        ) -> LlamaDecoder:
         """A decoder whose parameters *are* ``state_dict``'s tensors: built on the meta device
         (no random init) and assigned, so a 6 GB model is not held twice. Missing names stay
         on the meta device (callers check names first)."""
         with torch.device("meta"):
             module = cls(cfg, logits_tail=logits_tail, flavor=flavor,
-                         max_positions=max_positions)
+                         max_positions=max_positions, attention_bias=attention_bias)
         module.load_state_dict(state_dict, strict=False, assign=True)
         if cfg.tie_word_embeddings:  # assign replaced the shared Parameter: tie again
             module.lm_head.weight = module.model.embed_tokens.weight
@@ -267,8 +274,9 @@ class LlamaDecoder(nn.Module):
             # row (the server's slots) writes its new token at its own length.
             k_pos = torch.arange(S, device=attention_mask.device) + 1          # (S,)
             seqlens_k = (attention_mask * k_pos[None, :]).amax(dim=1) - 1     # (B,)
+            mask = self._mask(attention_mask, T, S, dtype) if self.attention_bias else None
             return StepInputs((B, T, S), (self.cos_cache.to(dtype), self.sin_cache.to(dtype)),
-                              self._mask(attention_mask, T, S, dtype),
+                              mask,
                               seqlens_k.to(torch.int32), total.to(torch.int32))
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :, :]                # (B, 1, T, hd)

@@ -79,7 +79,7 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, past_k: Tensor, past_v: Tensor, seqlens_k: Tensor,
-                total: Tensor, cos_cache: Tensor, sin_cache: Tensor, bias: Tensor,
+                total: Tensor, cos_cache: Tensor, sin_cache: Tensor, bias: Tensor | None,
                 heads: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         num_heads, kv_heads = heads
         B, T, _ = qkv.shape
@@ -101,7 +101,8 @@ class GroupQueryAttention(torch.autograd.Function):
         scores = torch.matmul(qg.float(), k[:, :, None].float().transpose(-1, -2)) / math.sqrt(hd)
         causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
         scores = scores.masked_fill(~causal, torch.finfo(torch.float32).min)
-        scores = scores + bias[:, :, None].float()                          # (B, n_kv, rep, T, S)
+        if bias is not None:  # None: the unpadded form (no left padding to mask)
+            scores = scores + bias[:, :, None].float()                      # (B, n_kv, rep, T, S)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v[:, :, None])                              # (B, n_kv, rep, T, hd)
         out = out.view(B, num_heads, T, hd).transpose(1, 2).reshape(B, T, num_heads * hd)
@@ -110,12 +111,14 @@ class GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g: Any, qkv: Any, past_k: Any, past_v: Any, seqlens_k: Any, total: Any,
                  cos_cache: Any, sin_cache: Any, bias: Any, heads: tuple[int, int]) -> Any:
+        from torch.onnx.symbolic_helper import _is_none
         from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor as absent
 
         # key/value empty: packed QKV. position_ids empty: RoPE at slot positions (see above).
         out, present_k, present_v = g.op(
             f"{MS_DOMAIN}::GroupQueryAttention", qkv, absent(g), absent(g), past_k, past_v,
-            seqlens_k, total, cos_cache, sin_cache, absent(g), bias, num_heads_i=heads[0],
+            seqlens_k, total, cos_cache, sin_cache, *([] if _is_none(bias) else [absent(g), bias]),
+            num_heads_i=heads[0],
             kv_num_heads_i=heads[1], do_rotary_i=1, outputs=3)
         return _typed_like(out, qkv, 3), _typed_like(present_k, past_k, 4), \
             _typed_like(present_v, past_v, 4)

@@ -1,8 +1,10 @@
 """Parity: the exported graph under ONNX Runtime (CPU) vs transformers' ``LlamaForCausalLM``.
 
 A batch of two prompts, the second left-padded, runs a prefill and then ``steps`` decode steps
-through the graph's KV cache; the reference recomputes the whole sequence each step without a
-cache, so the cache path is checked against an independent computation. Both sides are fed the
+through the graph's KV cache (the ONNX-Runtime graph's unpadded form, which left padding must
+not reach, runs the first prompt alone: ``unpadded=True``); the reference recomputes the whole
+sequence each step without a cache, so the cache path is checked against an independent
+computation. Both sides are fed the
 reference's greedy tokens (teacher forcing), so one early disagreement cannot snowball.
 """
 
@@ -49,10 +51,11 @@ class ParityReport:
 
     def summary(self) -> str:
         graph = "" if self.graph == "standard" else f" ({self.graph} graph)"
+        batch = "batch 1" if self.graph.endswith("unpadded") else "batch 2 left-padded"
         return (f"{self.variant}{graph}: max-abs logits error {self.max_abs_err:.2e} (tolerance "
                 f"{self.tolerance:.2e}, |ref| max {self.ref_max_abs:.1f}), mean {self.mean_abs_err:.2e}, "
                 f"greedy agreement {self.greedy_agreement:.1%} over {self.positions} positions "
-                f"(prefill + {self.decode_steps} decode steps, batch 2 left-padded)")
+                f"(prefill + {self.decode_steps} decode steps, {batch})")
 
 
 def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]:
@@ -71,14 +74,16 @@ def _prompt_ids(bundle: Path, manifest: Manifest, vocab: int) -> list[list[int]]
 class _OrtStepper:
     """Minimal prefill/decode driver over an ONNX Runtime session (numpy IO; verification only)."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, variant: str, graph: str) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, variant: str, graph: str,
+                 unpadded: bool = False) -> None:
         import onnxruntime as ort
 
         v = manifest.graph(variant, graph)
+        file = v["unpadded_file"] if unpadded else v["file"]
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = 1  # tiny batches: spinning thread pools only add contention
-        self.sess = ort.InferenceSession(str(bundle / v["file"]), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(bundle / file), so, providers=["CPUExecutionProvider"])
         self.m = manifest
         self.dtype = np.float16 if manifest.kv_dtype(variant) == "float16" else np.float32
         self.past: list[np.ndarray] | None = None
@@ -101,9 +106,11 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
                   manifest: Manifest | None = None, variant: str | None = None,
                   steps: int = 6, reference: Any = None, graph: str = "standard",
                   progress: Progress = lambda _: None,
-                  reference_cache: dict[bytes, np.ndarray] | None = None) -> ParityReport:
-    """Compare ``variant`` of ``bundle`` (its ``graph``: standard | ort) with the PyTorch
-    original; raise ParityError on failure.
+                  reference_cache: dict[bytes, np.ndarray] | None = None,
+                  unpadded: bool = False) -> ParityReport:
+    """Compare ``variant`` of ``bundle`` (its ``graph``: standard | ort; ``unpadded``: the ort
+    graph's unpadded form, on the unpadded prompt alone) with the PyTorch original; raise
+    ParityError on failure.
 
     ``reference_cache`` (one dict shared by calls with the same ``reference``) keeps the
     reference's logits per input: both graphs of a bundle are fed the same prompts and the
@@ -113,17 +120,18 @@ def verify_bundle(bundle: str | os.PathLike[str], model: str | os.PathLike[str] 
     bundle = Path(bundle)
     manifest = manifest or Manifest.load(bundle)
     variant = variant or manifest.default_variant()
-    progress(f"verifying {variant} ({graph} graph) against transformers' original "
+    name = f"{graph}-unpadded" if unpadded else graph
+    progress(f"verifying {variant} ({name} graph) against transformers' original "
              "(ONNX Runtime CPU)")
     with _ort_failures(variant, graph):
-        ours = _OrtStepper(bundle, manifest, variant, graph)  # fails fast on a missing graph
+        ours = _OrtStepper(bundle, manifest, variant, graph, unpadded)  # fails fast if missing
     if reference is None:
         from .reference import load_reference
         reference = load_reference(model)
     from .reference import reference_threads
 
     with reference_threads(reference), _ort_failures(variant, graph):
-        report = _compare(ours, reference, bundle, manifest, variant, graph, steps,
+        report = _compare(ours, reference, bundle, manifest, variant, name, steps,
                           {} if reference_cache is None else reference_cache)
     progress("parity " + report.summary())
     if not report.passed:
@@ -169,19 +177,24 @@ def _compare(ours: _OrtStepper, reference: Any, bundle: Path, manifest: Manifest
     pad = manifest.tokenizer.get("pad_token_id") or 0
     ids, mask = left_pad(_prompt_ids(bundle, manifest, manifest.vocab_size), pad)
     full_ids, full_mask = ids, mask
+    # the unpadded graph runs row 0 (the longer prompt, never padded) of the same teacher-forced
+    # batch, so the reference's batch logits serve both graphs
+    rows = slice(0, 1) if graph.endswith("unpadded") else slice(None)
+    assert rows.stop is None or full_mask[rows].all(), "row 0 must be the unpadded prompt"
     errs: list[np.ndarray] = []
     agree: list[np.ndarray] = []
     ref_max = 0.0
     step_ids = ids
     for _ in range(steps + 1):
         pos = positions_from_mask(full_mask, step_ids.shape[1])
-        got = ours.step(step_ids, full_mask, pos)
-        ref = _reference_logits(reference, full_ids, full_mask, cache)[:, -got.shape[1]:, :]
-        valid = full_mask[:, -got.shape[1]:].astype(bool)  # skip pad query positions
+        got = ours.step(step_ids[rows], full_mask[rows], pos[rows])
+        full_ref = _reference_logits(reference, full_ids, full_mask, cache)
+        ref = full_ref[rows, -got.shape[1]:, :]
+        valid = full_mask[rows, -got.shape[1]:].astype(bool)  # skip pad query positions
         errs.append(np.abs(got - ref)[valid].max(axis=-1))
         agree.append((got.argmax(-1) == ref.argmax(-1))[valid])
         ref_max = max(ref_max, float(np.abs(ref[valid]).max()))
-        nxt = ref[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+        nxt = full_ref[:, -1, :].argmax(-1).astype(np.int64)[:, None]
         step_ids = nxt
         full_ids = np.concatenate([full_ids, nxt], axis=1)
         full_mask = np.concatenate([full_mask, np.ones_like(nxt)], axis=1)

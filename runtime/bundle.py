@@ -168,7 +168,7 @@ class Model:
 
 def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backend: str = "ort",
                 provider: str = "cpu", threads: int | None = None, verify: bool = True,
-                *, spin: bool = True, graph: str = "auto") -> Model:
+                *, spin: bool = True, graph: str = "auto", attention_bias: str = "auto") -> Model:
     """Load a bundle: validate the manifest (version, files, sha256) and open one variant.
 
     ``backend``: ``ort`` (ONNX Runtime; ``provider`` cpu | cuda | tensorrt) or ``trt``
@@ -176,7 +176,9 @@ def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backen
     (faster start; the manifest and file presence are still checked). ``spin=False`` stops ONNX Runtime's
     worker threads busy-waiting between ops (faster when other processes share the cores).
     ``graph`` (ONNX Runtime backend): ``auto`` (the variant's ONNX-Runtime graph on CPU when it
-    has one), ``standard`` or ``ort``.
+    has one), ``standard`` or ``ort``. ``attention_bias`` (the ONNX-Runtime graph): ``auto``
+    runs its unpadded form until a batch is left-padded, ``always`` the full graph
+    (backends/ort.py).
     """
     bundle = Path(path)
     manifest = Manifest.load(bundle)
@@ -197,7 +199,8 @@ def load_bundle(path: str | os.PathLike[str], variant: str | None = None, backen
         from llama_export.runtime.backends.ort import OrtBackend, OrtOptions
 
         assert chosen is not None  # set above for this backend
-        opts = OrtOptions(provider=provider, threads=threads, spin=spin, graph=chosen)
+        opts = OrtOptions(provider=provider, threads=threads, spin=spin, graph=chosen,
+                          attention_bias=attention_bias)
         return Model(bundle, manifest, OrtBackend(bundle, manifest, name, opts), tokenizer)
     return Model(bundle, manifest, _open_backend(bundle, manifest, name, backend), tokenizer)
 

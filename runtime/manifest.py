@@ -13,7 +13,8 @@ Layout (``format_version`` 1)::
       "dims":      {"batch": {min, opt, max}, "seq": ..., "past": ..., "total": ...},
       "tokenizer": {files, bos_token_id, eos_token_ids, pad_token_id, add_bos_token, chat_template},
       "variants":  {"fp32": {file, data_file, precision, logits, inputs, outputs, parity,
-                             ort_graph: {file, contrib_ops, kv_buffer, rope_positions, parity}},
+                             ort_graph: {file, contrib_ops, kv_buffer, rope_positions, parity,
+                                         unpadded_file, unpadded_parity}},
                     ...},
       "engines":   [ {path, precision, variant, tensorrt_version, gpu, compute_capability, ...} ],
       "provenance": {source, source_sha256, tool_version, opset, torch_version, ...},
@@ -22,7 +23,9 @@ Layout (``format_version`` 1)::
 
 A variant's ``file`` is its *standard* graph (plain ONNX ops: TensorRT, any ONNX consumer). Its
 optional ``ort_graph`` is the same model as an ONNX-Runtime-optimized graph (contrib ops) with
-the same IO, sharing the variant's ``data_file``; old readers simply ignore it.
+the same IO, sharing the variant's ``data_file``; old readers simply ignore it. Its optional
+``unpadded_file`` is that graph without the attention bias only left padding needs, sharing
+its data file too (calibration/unpadded.py); the runtime runs it while no batch is left-padded.
 
 IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_values.{i}.key``,
 ``present.{i}.value``) expanded per layer by :func:`expand_io`. Dims are named (``batch``,
@@ -253,7 +256,8 @@ class Manifest:
         out: list[str] = []
         for g in self.graphs(name) if graph is None else [graph]:
             spec = self.graph(name, g)
-            out += [f for f in (spec.get("file"), spec.get("data_file")) if f and f not in out]
+            out += [f for f in (spec.get("file"), spec.get("unpadded_file"), spec.get("data_file"))
+                    if f and f not in out]
         return out
 
     # ---- writing -----------------------------------------------------------------------------

@@ -546,3 +546,28 @@ def test_weight_only_reads_external_weights_one_at_a_time(tiny_bundle: Path) -> 
     a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
             .run(None, feed)[0] for m in (full, lazy))
     np.testing.assert_array_equal(a, b)
+
+
+def test_quantized_ort_graphs_have_their_own_unpadded_form(int8_bundle: Path) -> None:
+    """Each quantized variant's ONNX-Runtime graph gets its unpadded companion (no attention
+    bias; calibration/unpadded.py): its own file over the variant's own weights, listed and
+    hashed, and its logits equal the full graph's on an unpadded prompt (stated tolerance:
+    1e-5 max-abs; the full graph adds a bias of zeros)."""
+    from llama_export.calibration.unpadded import strip_attention_bias
+
+    manifest = Manifest.load(int8_bundle)
+    fp32_unpadded = manifest.variant("fp32")["ort_graph"]["unpadded_file"]
+    for name in ("int8", "int4"):
+        entry = manifest.variant(name)["ort_graph"]
+        assert entry["unpadded_file"] == f"model.{name}.ort.unpadded.onnx" != fp32_unpadded
+        assert "unpadded_parity" not in entry  # the fp32 graph's check is not this one's
+        assert manifest.data["files"][entry["unpadded_file"]] == sha256_file(
+            int8_bundle / entry["unpadded_file"])
+        lean = onnx.load(str(int8_bundle / entry["unpadded_file"]), load_external_data=False)
+        assert {e.value for t in lean.graph.initializer for e in t.external_data
+                if e.key == "location"} == {entry["data_file"]}
+        assert strip_attention_bias(lean) == 0  # nothing left to strip
+        feed = _feed(manifest, 6)
+        got, want = (ort.InferenceSession(str(int8_bundle / f), providers=["CPUExecutionProvider"])
+                     .run(["logits"], feed)[0] for f in (entry["unpadded_file"], entry["file"]))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

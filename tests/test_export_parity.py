@@ -109,11 +109,28 @@ def test_manifest_contents(tiny_bundle: Path) -> None:
     assert fp32["ort_graph"]["parity"]["passed"] is True
     assert fp32["ort_graph"]["parity"]["graph"] == "ort"
     assert fp32["ort_graph"]["file"] == "model.ort.onnx" and fp32["data_file"] == "model.onnx.data"
-    assert set(m.data["files"]) == {"model.onnx", "model.ort.onnx", "model.onnx.data",
-                                    "tokenizer.json", "tokenizer_config.json", "config.json",
-                                    "generation_config.json", "references.npz"}
+    assert set(m.data["files"]) == {"model.onnx", "model.ort.onnx", "model.ort.unpadded.onnx",
+                                    "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+                                    "config.json", "generation_config.json", "references.npz"}
     ort_inputs = [i.name for i in onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.input]
     assert ort_inputs == names  # the same IO contract as the standard graph
+    # the unpadded form: checked on its own against the original, same IO, no attention bias
+    unpadded = fp32["ort_graph"]["unpadded_file"]
+    assert unpadded == "model.ort.unpadded.onnx"
+    assert fp32["ort_graph"]["unpadded_parity"]["passed"] is True
+    assert fp32["ort_graph"]["unpadded_parity"]["graph"] == "ort-unpadded"
+    assert fp32["ort_graph"]["unpadded_parity"]["max_abs_err"] < 1e-4
+    full_graph = onnx.load(str(tiny_bundle / "model.ort.onnx"), load_external_data=False).graph
+    lean = onnx.load(str(tiny_bundle / unpadded), load_external_data=False).graph
+    assert [i.name for i in lean.input] == names
+    gqa = [n for n in full_graph.node if n.op_type == "GroupQueryAttention"]
+    lean_gqa = [n for n in lean.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == len(lean_gqa) == 2
+    assert all(len(n.input) == 11 and n.input[10] for n in gqa)  # attention_bias
+    assert all(len(n.input) == 9 for n in lean_gqa)
+    assert len(lean.node) < len(full_graph.node) - 8  # the mask's nodes are gone
+    assert {e.value for t in lean.initializer for e in t.external_data if e.key == "location"} \
+        == {"model.onnx.data"}  # its weights are the full graph's, stored once
     ort_nodes = onnx.load(str(tiny_bundle / "model.ort.onnx")).graph.node
     ops = {n.op_type for n in ort_nodes}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops

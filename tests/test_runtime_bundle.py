@@ -41,8 +41,9 @@ def test_unknown_manifest_version(bundle_copy: Path) -> None:
 
 
 # The file each graph runs: only the chosen graph's files are checked (and needed).
-GRAPH_FILES = [("auto", "model.ort.onnx"), ("standard", "model.onnx"),
-               ("auto", "model.onnx.data"), ("standard", "model.onnx.data")]
+GRAPH_FILES = [("auto", "model.ort.unpadded.onnx"), ("standard", "model.onnx"),
+               ("auto", "model.ort.onnx"), ("auto", "model.onnx.data"),
+               ("standard", "model.onnx.data")]
 
 
 @pytest.mark.parametrize(("graph", "file"), GRAPH_FILES)
@@ -63,6 +64,21 @@ def test_altered_file_fails_sha256(bundle_copy: Path, graph: str, file: str) -> 
     with pytest.raises(BundleError) as err:  # skipping the hash still fails cleanly
         load_bundle(bundle_copy, verify=False, graph=graph)
     assert "ONNX Runtime cannot load" in _one_line(err)
+
+
+def test_altered_full_ort_graph_fails_sha256_or_at_the_first_left_padded_batch(
+        bundle_copy: Path) -> None:
+    """The full ONNX-Runtime graph loads only when a batch is left-padded (backends/ort.py)."""
+    with open(bundle_copy / "model.ort.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_copy)
+    assert "model.ort.onnx does not match its sha256" in _one_line(err)
+    with load_bundle(bundle_copy, verify=False) as model:
+        assert model.generate_ids([[5, 6, 7]], max_new_tokens=2, eos_token_ids=())[0].tokens
+        with pytest.raises(BundleError) as err:  # skipping the hash still fails cleanly
+            model.generate_ids([[5, 6, 7], [8]], max_new_tokens=2, eos_token_ids=())
+    assert "ONNX Runtime cannot load" in _one_line(err) and "model.ort.onnx" in _one_line(err)
 
 
 def test_standard_graph_runs_without_the_ort_graph(bundle_copy: Path) -> None:

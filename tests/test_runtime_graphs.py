@@ -132,3 +132,75 @@ def test_forward_tail_on_a_last_logits_graph_names_the_reexport(pair: Any) -> No
         assert cache.length == 0
     finally:
         backend.logits_mode = "all"
+
+
+# ---- the ONNX-Runtime graph's unpadded form (calibration/unpadded.py) ------------------------
+# Stated tolerance between the unpadded graph and the full one: 1e-5 max-abs on fp32 logits
+# (the full graph adds a bias of zeros to the same scores).
+UNPADDED_ATOL = 1e-5
+
+
+def _decode(model: Any, cache: Any, prompt: np.ndarray, steps: int, verify: int
+            ) -> list[np.ndarray]:
+    """Prefill ``prompt`` (one row), greedy decode ``steps`` tokens, then one forward of
+    ``verify`` tokens (a speculative verification's shape); every forward's logits."""
+    backend = model.backend
+    out = [backend.forward(prompt, np.arange(prompt.shape[1])[None], None, cache)]
+    for _ in range(steps):
+        nxt = out[-1].argmax(-1)[:, None]
+        out.append(backend.forward(nxt, np.array([[cache.length]]), None, cache))
+    ids = np.arange(3, 3 + verify)[None]
+    out.append(backend.forward_tail(ids, cache.length + np.arange(verify)[None], None, cache,
+                                    verify))
+    return out
+
+
+def test_unpadded_graph_runs_until_left_padding_and_matches_the_full_graph(
+        tiny_bundle: Path) -> None:
+    prompt = np.array([[5, 9, 2, 7, 11, 3]])
+    with load_bundle(tiny_bundle, graph="ort") as lean, \
+            load_bundle(tiny_bundle, graph="ort", attention_bias="always") as full:
+        assert lean.backend.attention_bias is False and full.backend.attention_bias is True
+        assert lean.backend.session._model_path.endswith("model.ort.unpadded.onnx")
+        got = _decode(lean, lean.backend.new_cache(1, 32), prompt, 4, 3)
+        want = _decode(full, full.backend.new_cache(1, 32), prompt, 4, 3)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=UNPADDED_ATOL, rtol=0)
+        assert lean.backend.attention_bias is False  # batch 1 never needed the bias
+
+        # right padding (the server's slots: each row ends at its own length) needs none either
+        mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+        ids = np.array([[5, 9, 2, 7, 11, 3], [4, 8, 6, 0, 0, 0]])
+        pos = np.tile(np.arange(6), (2, 1))
+        right = [m.backend.forward_tail(ids, pos, mask, m.backend.new_cache(2, 16), 6)
+                 for m in (lean, full)]
+        np.testing.assert_allclose(right[0][0], right[1][0], atol=UNPADDED_ATOL, rtol=0)
+        np.testing.assert_allclose(right[0][1, :3], right[1][1, :3], atol=UNPADDED_ATOL, rtol=0)
+        assert lean.backend.attention_bias is False
+
+        # a left-padded batch loads the full graph in its place, and it stays
+        ids, mask = left_pad([[5, 9, 2, 7], [4, 8]], 0)
+        cache = lean.backend.new_cache(2, 16)
+        padded = _run(lean, cache, ids, mask)
+        assert lean.backend.attention_bias is True
+        assert lean.backend.session._model_path.endswith("model.ort.onnx")
+        np.testing.assert_allclose(
+            padded, _run(full, full.backend.new_cache(2, 16), ids, mask), atol=UNPADDED_ATOL,
+            rtol=0)
+        again = _decode(lean, lean.backend.new_cache(1, 32), prompt, 4, 3)
+        for g, w in zip(again, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=UNPADDED_ATOL, rtol=0)
+
+
+def test_attention_bias_option_is_checked(tiny_bundle: Path) -> None:
+    with pytest.raises(InputError, match="attention_bias 'never' is unknown: use auto or always"):
+        load_bundle(tiny_bundle, graph="ort", attention_bias="never")
+
+
+def test_left_padded_detects_a_zero_before_a_one() -> None:
+    from llama_export.runtime.backends.ort import left_padded
+
+    assert not left_padded(np.ones((1, 7), np.int64))
+    assert not left_padded(np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]))  # right padding
+    assert left_padded(np.array([[1, 1, 1, 1], [0, 0, 1, 1]]))                    # left padding
+    assert left_padded(np.array([[1, 0, 1, 1]]))                                  # a hole

@@ -7,6 +7,12 @@ step copies no cache at all. With the standard graph each step binds the previou
 ``present.*`` OrtValues as this step's ``past_key_values.*`` inputs and lets ONNX Runtime
 allocate the new ``present.*`` (past + new) on the provider's device. Only the last-position
 logits come back to the host.
+
+The ONNX-Runtime graph's attention bias only matters for left padding (a mask row with a 0
+before a 1). A bundle whose ``ort_graph`` has an ``unpadded_file`` (calibration/unpadded.py:
+the same graph without the bias, sharing its weights file) runs that one until a left-padded
+batch arrives, then loads the full graph in its place and keeps it: one session at a time.
+Batch-1 decoding, speculative verification and the server's right-padded slots never switch.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class OrtOptions:
     extra_provider_options: dict[str, str] = field(default_factory=dict)
     # auto: the ONNX-Runtime graph on CPU when the variant has one, else the standard graph.
     graph: str = "auto"
+    # ONNX-Runtime graph only. auto: its unpadded form (no attention bias) until a batch is
+    # left-padded; always: the full graph from the start (module docstring).
+    attention_bias: str = "auto"
 
 
 def select_graph(manifest: Manifest, variant: str, provider: str, graph: str = "auto") -> str:
@@ -101,20 +110,39 @@ class OrtBackend(Backend):
                                if s.name.startswith("present.")]
         self._kv_dtype = _NP_DTYPES[manifest.kv_dtype(variant)]
         self._device = "cpu" if opts.provider == "cpu" else "cuda"
-        path = Path(bundle) / spec["file"]
-        so, providers = _session_options(ort, opts), _providers(ort, opts, manifest, variant, bundle)
+        if opts.attention_bias not in ("auto", "always"):
+            raise InputError(f"attention_bias {opts.attention_bias!r} is unknown: use auto or "
+                             "always")
+        self._ort = ort
+        self._full_path = Path(bundle) / spec["file"]
+        self._session_args = (_session_options(ort, opts),
+                              _providers(ort, opts, manifest, variant, bundle))
+        unpadded = spec.get("unpadded_file") if self.graph == "ort" else None
+        # False while the session is the unpadded graph (exact without left padding)
+        self.attention_bias = not (unpadded and opts.attention_bias == "auto")
+        self._load(self._full_path if self.attention_bias else Path(bundle) / str(unpadded))
+        self._c_cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._c_device = ort.OrtDevice.make(self._device, opts.device_id)._get_c_device()
+        self.engine_seconds = 0.0  # time inside run_with_iobinding, for the bench's overhead share
+
+    def _load(self, path: Path) -> None:
+        so, providers = self._session_args
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            self.session = self._ort.InferenceSession(str(path), sess_options=so,
+                                                      providers=providers)
         except Exception as e:  # onnxruntime raises its own non-RuntimeError exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"ONNX Runtime cannot load {path} ({first}): copy the bundle "
                               "again or re-export it") from None
-        self._ort = ort
-        self._io = ort.capi._pybind_state.SessionIOBinding(self.session._sess)
-        self._c_cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
-        self._c_device = ort.OrtDevice.make(self._device, opts.device_id)._get_c_device()
+        self._io = self._ort.capi._pybind_state.SessionIOBinding(self.session._sess)
         self._bound: OrtKVCache | None = None  # the shared cache whose buffers are bound now
-        self.engine_seconds = 0.0  # time inside run_with_iobinding, for the bench's overhead share
+
+    def _need_attention_bias(self) -> None:
+        """Replace the unpadded session by the full graph's (first left-padded batch)."""
+        self.__dict__.pop("_io", None)
+        self.__dict__.pop("session", None)  # its weights go before the full graph's load
+        self._load(self._full_path)
+        self.attention_bias = True
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
@@ -154,6 +182,8 @@ class OrtBackend(Backend):
                       attention_mask: np.ndarray, cache: KVCache, tail: int) -> np.ndarray:
         assert isinstance(cache, OrtKVCache), "cache from another backend"  # programming error
         batch, seq = input_ids.shape
+        if not self.attention_bias and left_padded(attention_mask):
+            self._need_attention_bias()
         if self.graph == "ort" and batch > 1 and seq > 1 and cache.length > 0:
             if self.row_lengths and not attention_mask[:, cache.length:].all():
                 # One token at a time, a masked one would be written at its row's last 1.
@@ -231,6 +261,12 @@ class OrtBackend(Backend):
             else:
                 io.bind_output(name, self._c_device)
         self._bound = cache if cache.shared else None
+
+
+def left_padded(mask: np.ndarray) -> bool:
+    """Whether some row of a ``[batch, total]`` 0/1 mask has a 0 before a 1 (left padding, or
+    a hole): what the ONNX-Runtime graph's attention bias exists for."""
+    return bool((mask[:, 1:] > mask[:, :-1]).any())
 
 
 def _session_options(ort: Any, opts: OrtOptions) -> Any:
