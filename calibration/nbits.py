@@ -23,13 +23,10 @@ Slices cost decode time, though: each one is its own kernel call (thread-pool di
 activation quantized again at accuracy level 4) and the Concat copies the result. On the
 Qwen2.5-1.5B int8 graph with every weight above 8 MB sliced (gate/up/down in 2, the lm_head
 in 28), a decode step took 110.7 ms against 101.5 ms with none sliced (medians of 5
-interleaved runs; onnxruntime-genai's unsliced graph 103.0 ms). Even the 1.5B int4 lm_head
-in 3 slices (1/16 of all packed weights each, the rule until the embedding went fp16) cost
-3 %: 38.7 ms a step against 37.5 ms whole, for 96 MB less load peak (1445 vs 1541 MB).
-Since the quantized ONNX-Runtime graphs keep their embedding in fp16 (calibration/embedding.py:
-467 MB less resident on that model), a weight is split only above a quarter of all packed
-weights (at least 8 MB): every weight of a 0.5–8B model stays whole, lm_head included; a
-model whose lm_head is most of its bytes (SmolLM2's is a quarter) may get two slices.
+interleaved runs; onnxruntime-genai's unsliced graph 103.0 ms). So the slice size scales with
+the model: a weight is split only above 1/16 of all packed weights (at least 8 MB), which
+bounds the load peak to ~6 % above the resident size and leaves every per-layer weight of a
+0.5–8B model whole; in practice only a large-vocabulary lm_head is split, into a few slices.
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ _BITS: dict[int, int] = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.U
 # A packed weight above max(MAX_PACKED_BYTES, all packed weights / SLICE_SHARE) is split by
 # columns (docstring: the load peak against the decode cost of slices).
 MAX_PACKED_BYTES = 8 << 20
-SLICE_SHARE = 4
+SLICE_SHARE = 16
 _SLICE_ALIGN = 16  # column slices start on multiples of 16 (the kernels' column tiles)
 
 

@@ -34,7 +34,6 @@ from .bundle_io import (
 )
 from .collect import collect_stats
 from .data import HELDOUT_GENRES, TextSource, builtin_text, load_text, token_segments
-from .embedding import half_embedding
 from .graph import GraphIndex, find_groups, find_projections, lean_copy
 from .qdq import insert_w8a8, prune_initializers
 from .quant import METHODS, Method
@@ -250,7 +249,6 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
             graph.CopyFrom(fp32_ort)  # rewritten in place
             model, n_w8a8, n_other = w8a8_ort_graph(graph, int8, bundle, opts.ort_block,
                                                     amax if kept == "rows" else None)
-            half_embedding(model, bundle)  # calibration/embedding.py
             acc = ev.score(model)
             failures = [] if kept == "blocks" else opts.eval.gate.failures(acc)
             if not failures:  # (blocks are gated below, as the other forms)
@@ -273,7 +271,6 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
         model, _ = quantize_weight_only(fp32_ort, bits=8, block=opts.ort_block,
                                         int8_block=opts.ort_block, include_lm_head=True,
                                         in_place=True, base_dir=bundle)
-        half_embedding(model, bundle)
         form = {"scheme": "int8 weight-only blocks (dynamic int8 activations inside "
                           "MatMulNBits)", "weights": weights}
         acc = ev.score(model)
@@ -282,7 +279,7 @@ def int8_ort_graph(bundle: Path, manifest: Manifest, ev: Evaluator, opts: Calibr
     entry["ort_graph"] = {
         **ort_graph_entry(manifest, "model.int8.ort.onnx"), "form": opts.ort_int8.split("-")[0],
         **form,
-        "block_size": opts.ort_block, "lm_head": "int8", "embedding": "fp16",
+        "block_size": opts.ort_block, "lm_head": "int8",
         "accuracy": {**acc.to_dict(), "data": entry["accuracy"]["data"]}}
     return model
 
@@ -525,7 +522,6 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                                             include_lm_head=opts.lm_head, int8_labels=ort_eight,
                                             fmt=opts.fmt, negative_scales=True,
                                             in_place=True, base_dir=bundle)
-        half_embedding(ort_model, bundle)  # calibration/embedding.py
         ort_acc = gate_variant(f"{name} (ort graph)", ev, ort_model, opts)
     del ev, fp32_ort  # the reference logits (1.9 GB for Qwen2.5's vocabulary) before writing
     entry = base_entry(manifest, f"model.{name}.onnx", None, name,
@@ -541,7 +537,7 @@ def quantize(bundle: Path, opts: QuantizeOptions) -> dict[str, Any]:
                                   "min_top1": opts.eval.gate.min_top1}}
     if ort_model is not None and ort_acc is not None:
         entry["ort_graph"] = {**ort_graph_entry(manifest, f"model.{name}.ort.onnx"),
-                              "eight_bit": ort_eight, "embedding": "fp16",
+                              "eight_bit": ort_eight,
                               "accuracy": {**ort_acc.to_dict(), "data": held_src.origin}}
     write_variant(bundle, manifest, name, model, entry, ort_model=ort_model)
     return entry

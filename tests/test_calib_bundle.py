@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
 
 from llama_export.calibration.accuracy import Gate, segment_logits
 from llama_export.calibration.collect import collect_stats
@@ -572,47 +571,3 @@ def test_quantized_ort_graphs_have_their_own_unpadded_form(int8_bundle: Path) ->
         got, want = (ort.InferenceSession(str(int8_bundle / f), providers=["CPUExecutionProvider"])
                      .run(["logits"], feed)[0] for f in (entry["unpadded_file"], entry["file"]))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-
-
-def test_quantized_ort_graphs_keep_the_embedding_in_fp16(int8_bundle: Path) -> None:
-    """calibration/embedding.py: the quantized ONNX-Runtime graphs' token table is fp16 and
-    cast back after the Gather; the standard graphs keep fp32 (TensorRT builds them)."""
-    manifest = Manifest.load(int8_bundle)
-    for name in ("int8", "int4"):
-        entry = manifest.variant(name)
-        assert entry["ort_graph"]["embedding"] == "fp16"
-        for file, want in ((entry["ort_graph"]["file"], TensorProto.FLOAT16),
-                           (entry["ort_graph"]["unpadded_file"], TensorProto.FLOAT16),
-                           (entry["file"], TensorProto.FLOAT)):
-            g = onnx.load(str(int8_bundle / file), load_external_data=False).graph
-            types = {t.name: t.data_type for t in g.initializer}
-            gather = next(n for n in g.node if n.op_type == "Gather" and n.input[0] in types)
-            assert types[gather.input[0]] == want, file
-            if want == TensorProto.FLOAT16:
-                cast = next(n for n in g.node if gather.output[0] in n.input)
-                assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
-
-
-def test_half_embedding_rounds_only_a_table_read_by_one_gather() -> None:
-    from onnx import helper, numpy_helper
-
-    from llama_export.calibration.embedding import half_embedding
-
-    table = np.random.default_rng(3).standard_normal((50, 8)).astype(np.float32)
-
-    def graph(readers: int) -> onnx.ModelProto:
-        nodes = [helper.make_node("Gather", ["E", "ids"], [f"y{i}"]) for i in range(readers)]
-        g = helper.make_graph(
-            nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
-            [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["n", 8])
-             for i in range(readers)], [numpy_helper.from_array(table, "E")])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-
-    one, two = graph(1), graph(2)
-    assert half_embedding(one, Path(".")) == 1 and half_embedding(two, Path(".")) == 0
-    ids = np.array([0, 7, 49], dtype=np.int64)
-    got = ort.InferenceSession(one.SerializeToString(),
-                               providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, table[ids], rtol=1e-3, atol=1e-6)  # fp16's 11 bits
-    assert [t.data_type for t in two.graph.initializer] == [TensorProto.FLOAT]

@@ -120,7 +120,7 @@ def test_large_weights_split_by_columns_exactly(case: str) -> None:
 
 
 def test_slice_size_scales_with_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default a weight is split only above a quarter of all packed weights (at least
+    """By default a weight is split only above 1/16 of all packed weights (at least
     MAX_PACKED_BYTES, patched down here to keep the weights small): in a two-MatMul chain the
     small "layer" weight above the floor stays whole, the large "head" is split, and the
     result equals the unsplit graph's bit for bit."""
@@ -143,13 +143,13 @@ def test_slice_size_scales_with_the_model(monkeypatch: pytest.MonkeyPatch) -> No
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n2])],
                           inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    assert nbits.slice_limit(4096 + 65536) == (4096 + 65536) // 4 == 17408
+    assert nbits.slice_limit(4096 + 65536) == (4096 + 65536) // 16 == 4352
     fused, count = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()))
     widths = {nd.name: next(a.i for a in nd.attribute if a.name == "N")
               for nd in fused.graph.node if nd.op_type == "MatMulNBits"}
-    assert count == 2 and widths["mm_a_nbits"] == n1  # 4096 B <= 17408 B: whole
+    assert count == 2 and widths["mm_a_nbits"] == n1  # 4096 B <= 4352 B: whole
     head = [w for name, w in widths.items() if name.startswith("mm_b_nbits_")]
-    assert len(head) == 4 and sum(head) == n2  # 65536 B in slices of <= 17408 B
+    assert len(head) == 16 and sum(head) == n2  # 65536 B in slices of <= 4352 B
     whole, _ = fuse_matmul_nbits(onnx.ModelProto.FromString(model.SerializeToString()),
                                  max_bytes=1 << 30)
     x = rng.standard_normal((3, k)).astype(np.float32)
