@@ -11,14 +11,14 @@ interleaved runs; a 9-token verification 191.6 against 185.0 ms). SmolLM2 measur
 either way.
 
 So each ``ort`` graph gets a companion, ``<graph>.unpadded.onnx``: the same graph without the
-bias, sharing the graph's external data file (a few hundred KB on disk). The manifest records
-it as the ``ort_graph``'s ``unpadded_file``; the runtime runs it until a batch with left
-padding arrives, then loads the full graph in its place (runtime/backends/ort.py). The
-exporter traces it (``LlamaDecoder(attention_bias=False)``) and checks it against the PyTorch
-original on its own (exporter/verify.py); a quantized variant's is derived here from its full
-graph (:func:`write_unpadded_graph`: the bias input dropped, the nodes only it used pruned).
-Without the bias, GroupQueryAttention computes the same scores (an unpadded row's bias is all
-zeros): the logits equal the full graph's (tested).
+bias, sharing the graph's external data file (its own file is 2 MB for the 1.5B: the nodes and
+the RoPE tables). The manifest records it as the ``ort_graph``'s ``unpadded_file``; the runtime
+runs it until a batch with left padding arrives, then loads the full graph in its place
+(runtime/backends/ort.py). The exporter traces it (``LlamaDecoder(attention_bias=False)``)
+and checks it against the PyTorch original on its own (exporter/verify.py); a quantized
+variant's is derived here from its full graph (:func:`write_unpadded_graph`: the bias input
+dropped, the nodes only it used pruned). Without the bias, GroupQueryAttention computes the
+same scores (an unpadded row's bias is all zeros): the logits equal the full graph's (tested).
 """
 
 from __future__ import annotations

@@ -239,7 +239,8 @@ def _trace(module: LlamaDecoder, path: Path, opset: int, dtype: torch.dtype) -> 
                           output_names=out_names, dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False,
                           custom_opsets={MS_DOMAIN: 1} if module.flavor == "ort" else None)
-    _declare_unread_inputs(path, in_names, axes)
+    if module.flavor == "ort" and not module.attention_bias:
+        _declare_unread_inputs(path, in_names, axes)
 
 
 def _declare_unread_inputs(path: Path, names: list[str], axes: dict[str, dict[int, str]]) -> None:
