@@ -178,19 +178,28 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
     raw_dir = tmp / "raw"
     raw_dir.mkdir()
     _check_names(cfg, src)
-    for graph, file in files.items():
-        flavor: Flavor = "standard" if graph == "standard" else "ort"
-        module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,
-                                              logits_tail=logits_window(opts.logits),
-                                              max_positions=max_seq,
-                                              attention_bias=graph != "ort-unpadded")
-        module = module.to(dtype).eval()
-        progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset {opts.opset}, "
-                 f"{graph} graph)")
-        _trace(module, raw_dir / file, opts.opset, dtype)
-        del module
-    progress("saving ONNX")
-    data_file = tidy_onnx_graphs([(raw_dir / f, tmp / f) for f in files.values()])
+
+    def traced() -> Iterator[tuple[Path, Path]]:
+        """Each graph traced when the tidy loop asks for it; its raw trace deleted once tidied
+        (a > 2 GB trace is a file per weight, named by trace order: one folder per graph, and
+        the disk holds one raw trace at a time beside the shared data file)."""
+        for graph, file in files.items():
+            flavor: Flavor = "standard" if graph == "standard" else "ort"
+            module = LlamaDecoder.from_state_dict(cfg, src.state_dict, flavor=flavor,
+                                                  logits_tail=logits_window(opts.logits),
+                                                  max_positions=max_seq,
+                                                  attention_bias=graph != "ort-unpadded")
+            module = module.to(dtype).eval()
+            progress(f"tracing {cfg.num_layers}-layer decoder ({opts.dtype}, opset "
+                     f"{opts.opset}, {graph} graph)")
+            (raw_dir / graph).mkdir()
+            _trace(module, raw_dir / graph / file, opts.opset, dtype)
+            del module
+            progress(f"saving ONNX ({graph} graph)")
+            yield raw_dir / graph / file, tmp / file
+            shutil.rmtree(raw_dir / graph)
+
+    data_file = tidy_onnx_graphs(traced(), files["standard"] + ".data")
     shutil.rmtree(raw_dir)
     side_files = {**src.tokenizer_files,
                   **hf_config_files(src.config, src.tokenizer_info, opts.dtype)}

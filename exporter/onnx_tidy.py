@@ -13,7 +13,7 @@ graphs in 0.72 GB instead of 1.30 GB.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -81,23 +81,29 @@ def drop_unused_norm_statistics(model: onnx.ModelProto) -> int:
     return len(dropped)
 
 
-def tidy_onnx_graphs(pairs: Sequence[tuple[Path, Path]]) -> str:
-    """Tidy each ``(src, dst)``; all weights go into one shared ``<first dst>.data`` (its name
-    returned), whatever the size: weights inside the protobuf would cost twice their size in
-    RAM when ONNX Runtime loads the graph.
+def tidy_onnx_graphs(pairs: Iterable[tuple[Path, Path]], data_name: str) -> str:
+    """Tidy each ``(src, dst)``; all weights go into one shared ``data_name`` beside the first
+    ``dst`` (returned), whatever the size: weights inside the protobuf would cost twice their
+    size in RAM when ONNX Runtime loads the graph.
 
     Graphs are processed one at a time and weights streamed one tensor at a time, so memory
     holds at most one graph's structure and one weight, whatever the model size (a 1.5B fp32
-    export would otherwise hold both graphs' 6 GB of weights at once).
+    export would otherwise hold both graphs' 6 GB of weights at once). ``pairs`` may be lazy:
+    the exporter traces each graph when asked for it and deletes its raw trace once tidied, so
+    the disk holds one raw trace beside the shared data (a > 2 GB trace is a file per weight).
     """
-    models = [_load_tidy(src) for src, _ in pairs[:1]]
-    data_name = pairs[0][1].name + ".data"
-    with _SharedData(pairs[0][1].parent / data_name, data_name) as shared:
-        for i, (src, dst) in enumerate(pairs):
-            model = models.pop() if i == 0 else _load_tidy(src)
+    shared: _SharedData | None = None
+    try:
+        for src, dst in pairs:
+            model = _load_tidy(src)
+            if shared is None:
+                shared = _SharedData(dst.parent / data_name, data_name).__enter__()
             shared.externalize(model, src.parent)
             onnx.save_model(model, str(dst))
             del model
+    finally:
+        if shared is not None:
+            shared.__exit__()
     return data_name
 
 

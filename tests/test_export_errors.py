@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -178,9 +178,9 @@ def test_full_disk_is_one_line_and_keeps_old_bundle(tiny_bundle: Path, tmp_path:
 
     import llama_export.exporter.export as export_mod
 
-    def full_disk(pairs: list[tuple[Path, Path]]) -> str:
-        target = pairs[0][1].with_suffix(".data")
-        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    def full_disk(pairs: Iterable[tuple[Path, Path]], data_name: str) -> str:
+        _src, dst = next(iter(pairs))  # the first graph traced, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst.parent / data_name))
 
     monkeypatch.setattr(export_mod, "tidy_onnx_graphs", full_disk)
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
