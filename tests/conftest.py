@@ -17,6 +17,20 @@ def _have(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
+@pytest.fixture
+def clock_free_cost() -> Any:
+    """A speculative ``VerifyCost`` that reads its prior only: the clock of a machine whose cores
+    another job shares never changes a draft length, so draft-length assertions hold under load
+    (the planner learns T-token forward costs from the forwards it times)."""
+    from llama_export.runtime.speculative import VerifyCost
+
+    class ClockFree(VerifyCost):
+        def observe(self, batch: int, tokens: int, seconds: float) -> None:
+            pass
+
+    return ClockFree()
+
+
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HF folder of a tiny random GQA LlamaForCausalLM (tied embeddings, byte tokenizer)."""

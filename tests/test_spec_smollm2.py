@@ -41,7 +41,9 @@ def _prompts(model: Any, names: set[str] | None = None) -> dict[str, list[list[i
             for cat, items in texts.items()}
 
 
-def test_lookup_identity_batch1(smol: Any) -> None:
+def test_lookup_identity_batch1(smol: Any, clock_free_cost: Any,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smol, "_verify_cost", clock_free_cost)  # load-proof draft lengths
     prompts = _prompts(smol, {"code-rename", "doc-extract", "chat-story", "chat-advice"})
     for ids in prompts["grounded"]:
         stats = _identical(smol, [ids], 64, "lookup")
