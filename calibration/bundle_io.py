@@ -18,7 +18,7 @@ from llama_export.runtime.errors import BundleError
 from llama_export.runtime.manifest import Manifest
 from llama_export.runtime.tempnames import temp_dir
 
-from .graph import save_model
+from .graph import merge_lm_head_slices, save_model
 from .nbits import fuse_matmul_nbits
 from .unpadded import write_unpadded_graph
 
@@ -51,14 +51,19 @@ def load_fp32(bundle: Path) -> tuple[Manifest, onnx.ModelProto]:
     return manifest, onnx.load(str(path), load_external_data=True)
 
 
-def load_ort_graph(bundle: Path, manifest: Manifest,
-                   external: bool = True) -> onnx.ModelProto | None:
+def load_ort_graph(bundle: Path, manifest: Manifest, external: bool = True,
+                   merge_head: bool = True) -> onnx.ModelProto | None:
     """The fp32 variant's ONNX-Runtime graph (files checked by :func:`load_fp32`), or None.
-    ``external=False``: the graph without its external data (read from ``bundle``)."""
+    ``external=False``: the graph without its external data (read from ``bundle``).
+    ``merge_head``: a column-sliced lm_head (the exporter's, above 256 MB) made whole again
+    (graph.py: merge_lm_head_slices), as the quantizers expect it."""
     if "ort" not in manifest.graphs(SOURCE_VARIANT):
         return None
     path = bundle / manifest.graph(SOURCE_VARIANT, "ort")["file"]
-    return onnx.load(str(path), load_external_data=external)
+    model = onnx.load(str(path), load_external_data=external)
+    if merge_head:
+        merge_lm_head_slices(model, None if external else bundle)
+    return model
 
 
 def ort_graph_entry(manifest: Manifest, file: str) -> dict[str, Any]:

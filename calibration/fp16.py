@@ -226,7 +226,7 @@ def make_fp16(bundle: Path, ev_opts: EvalOptions | None = None) -> dict[str, Any
                          "gate": {"max_ppl_increase": opts.gate.max_ppl_increase,
                                   "min_top1": opts.gate.min_top1}}
     ort_model = None
-    fp32_ort = load_ort_graph(bundle, manifest)
+    fp32_ort = load_ort_graph(bundle, manifest, merge_head=False)  # its slices cast one by one
     if fp32_ort is not None:
         ort_model = convert_to_fp16(fp32_ort)
         ort_acc = ev.score(ort_model)

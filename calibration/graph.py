@@ -14,7 +14,9 @@ the MLP RMSNorm output). A group is *smoothable* when its input is produced by
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +130,49 @@ def is_lm_head(idx: GraphIndex, proj: Projection) -> bool:
             return False
         name = cons[0].output[0]
     return name in idx.graph_outputs
+
+
+_SLICE_SUFFIX = re.compile(r"\.cols(\d+)_(\d+)$")
+
+
+def merge_lm_head_slices(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
+    """Undo the exporter's column-sliced lm_head (exporter/onnx_tidy.py: ``split_lm_head``):
+    the MatMuls over ``<weight>.cols<a>_<b>`` slices and their Concat become one MatMul over
+    ``<weight>`` (inline; the same values), so every pass here sees the lm_head it knows and
+    quantized graphs slice it by their own rule (nbits.py). Returns the count of slices merged
+    (0: the graph has none). ``base_dir``: where external slices are read from."""
+    idx = GraphIndex(model, base_dir)
+    for concat in model.graph.node:
+        if concat.op_type != "Concat" or not is_lm_head(idx, Projection("", "", "", concat.output[0])):
+            continue
+        parts = [idx.producer.get(i) for i in concat.input]
+        weights = [p.input[1] if p is not None and p.op_type == "MatMul" else "" for p in parts]
+        spans = [_SLICE_SUFFIX.search(w) for w in weights]
+        if not all(spans) or len({p.input[0] for p in parts if p is not None}) != 1:
+            continue
+        base = _SLICE_SUFFIX.sub("", weights[0])
+        ends = [(int(m.group(1)), int(m.group(2))) for m in spans if m]
+        if (ends[0][0] != 0 or any(a != b for (_, b), (a, _) in itertools.pairwise(ends))
+                or any(_SLICE_SUFFIX.sub("", w) != base for w in weights)):
+            continue
+        merged = np.concatenate([idx.array(w) for w in weights], axis=1)
+        first = parts[0]
+        assert first is not None
+        node = onnx.helper.make_node("MatMul", [first.input[0], base], [concat.output[0]],
+                                     name=_SLICE_SUFFIX.sub("", first.name))
+        gone = {id(p) for p in parts} | {id(concat)}
+        nodes = list(model.graph.node)
+        at = nodes.index(concat)
+        kept = [n for i, n in enumerate(nodes) if id(n) not in gone or i == at]
+        kept[kept.index(concat)] = node
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        inits = [t for t in model.graph.initializer if t.name not in set(weights)]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
+        model.graph.initializer.append(numpy_helper.from_array(merged, base))
+        return len(parts)
+    return 0
 
 
 def find_groups(model: onnx.ModelProto) -> list[Group]:

@@ -199,7 +199,8 @@ def _build(src: Source, tmp: Path, opts: ExportOptions, progress: Progress) -> M
             yield raw_dir / graph / file, tmp / file
             shutil.rmtree(raw_dir / graph)
 
-    data_file = tidy_onnx_graphs(traced(), files["standard"] + ".data")
+    data_file = tidy_onnx_graphs(traced(), files["standard"] + ".data",
+                                 split_heads={tmp / f for g, f in files.items() if g != "standard"})
     shutil.rmtree(raw_dir)
     side_files = {**src.tokenizer_files,
                   **hf_config_files(src.config, src.tokenizer_info, opts.dtype)}

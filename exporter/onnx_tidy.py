@@ -13,9 +13,10 @@ graphs in 0.72 GB instead of 1.30 GB.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
@@ -81,7 +82,91 @@ def drop_unused_norm_statistics(model: onnx.ModelProto) -> int:
     return len(dropped)
 
 
-def tidy_onnx_graphs(pairs: Iterable[tuple[Path, Path]], data_name: str) -> str:
+# A float lm_head above this many bytes is stored in column slices (one MatMul each + Concat)
+# in the ONNX-Runtime graphs: ONNX Runtime pre-packs a MatMul's weight while the stored one is
+# still resident, and the lm_head, last in the graph, is packed when every other weight already
+# is, so a whole one adds its own size to the load peak. Qwen2.5-Coder-1.5B fp32 (934 MB lm_head,
+# unpadded ONNX-Runtime graph, bare session): peak 7.00 GB whole, 6.32 GB in 4 slices (6.09 GB
+# after load either way); onnxruntime-genai's whole model peaks at 6.83 GB. Calibration merges
+# the slices back before quantizing (calibration/graph.py: merge_lm_head_slices); quantized
+# graphs slice by their own rule (calibration/nbits.py). SmolLM2's 113 MB lm_head stays whole.
+HEAD_SLICE_BYTES = 256 << 20
+_HEAD_ALIGN = 16  # slices start on multiples of 16 columns (the GEMM kernels' column tiles)
+_FLOAT_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def find_lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The MatMul with a 2-D float initializer whose result is the ``logits`` output (directly
+    or through up to 3 single-consumer Reshape / Slice / Identity nodes), or None."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for node in g.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2 or w.data_type not in _FLOAT_NP:
+            continue
+        name = node.output[0]
+        for _ in range(4):
+            if name == "logits":
+                return node
+            cons = consumers.get(name, [])
+            if len(cons) != 1 or cons[0].op_type not in ("Reshape", "Slice", "Identity"):
+                break
+            name = cons[0].output[0]
+    return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def column_slices(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` column ranges covering ``[0, n)``, each starting on a multiple of 16."""
+    width = _ceil_div(_ceil_div(n, parts), _HEAD_ALIGN) * _HEAD_ALIGN
+    return [(a, min(n, a + width)) for a in range(0, n, width)]
+
+
+def split_lm_head(model: onnx.ModelProto, base: Path, max_bytes: int | None = None) -> int:
+    """Store a float lm_head above ``max_bytes`` as column slices: one MatMul per slice (inline
+    weights; the caller externalizes them) and a Concat on the last axis in place of the
+    MatMul, the same values to the last bit. Returns the count of slices (0: left whole).
+    ``max_bytes`` defaults to :data:`HEAD_SLICE_BYTES`."""
+    max_bytes = HEAD_SLICE_BYTES if max_bytes is None else max_bytes
+    node = find_lm_head(model)
+    if node is None:
+        return 0
+    g = model.graph
+    weight = next(t for t in g.initializer if t.name == node.input[1])
+    if _nbytes(weight, base) <= max_bytes:
+        return 0
+    k, n = (int(d) for d in weight.dims)
+    w = np.frombuffer(_read(weight, base), dtype=_FLOAT_NP[weight.data_type]).reshape(k, n)
+    slices = column_slices(n, _ceil_div(_nbytes(weight, base), max_bytes))
+    nodes, outs = [], []
+    for a, b in slices:
+        part = numpy_helper.from_array(np.ascontiguousarray(w[:, a:b]), f"{weight.name}.cols{a}_{b}")
+        g.initializer.append(part)
+        outs.append(f"{node.output[0]}.cols{a}_{b}")
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], part.name], [outs[-1]],
+                                           name=f"{node.name}.cols{a}_{b}"))
+    del w
+    nodes.append(onnx.helper.make_node("Concat", outs, [node.output[0]], axis=-1,
+                                       name=f"{node.name}.concat"))
+    at = list(g.node).index(node)
+    rest = list(g.node)
+    rest[at:at + 1] = nodes
+    del g.node[:]
+    g.node.extend(rest)
+    if not any(weight.name in n.input for n in g.node):
+        g.initializer.remove(weight)
+    return len(slices)
+
+
+def tidy_onnx_graphs(pairs: Iterable[tuple[Path, Path]], data_name: str,
+                     split_heads: Container[Path] = ()) -> str:
     """Tidy each ``(src, dst)``; all weights go into one shared ``data_name`` beside the first
     ``dst`` (returned), whatever the size: weights inside the protobuf would cost twice their
     size in RAM when ONNX Runtime loads the graph.
@@ -91,11 +176,15 @@ def tidy_onnx_graphs(pairs: Iterable[tuple[Path, Path]], data_name: str) -> str:
     export would otherwise hold both graphs' 6 GB of weights at once). ``pairs`` may be lazy:
     the exporter traces each graph when asked for it and deletes its raw trace once tidied, so
     the disk holds one raw trace beside the shared data (a > 2 GB trace is a file per weight).
+    A graph whose ``dst`` is in ``split_heads`` gets a large float lm_head in column slices
+    (:func:`split_lm_head`; the exporter asks it for the ONNX-Runtime graphs).
     """
     shared: _SharedData | None = None
     try:
         for src, dst in pairs:
             model = _load_tidy(src)
+            if dst in split_heads:
+                split_lm_head(model, src.parent)
             if shared is None:
                 shared = _SharedData(dst.parent / data_name, data_name).__enter__()
             shared.externalize(model, src.parent)

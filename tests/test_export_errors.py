@@ -178,7 +178,8 @@ def test_full_disk_is_one_line_and_keeps_old_bundle(tiny_bundle: Path, tmp_path:
 
     import llama_export.exporter.export as export_mod
 
-    def full_disk(pairs: Iterable[tuple[Path, Path]], data_name: str) -> str:
+    def full_disk(pairs: Iterable[tuple[Path, Path]], data_name: str,
+                  split_heads: object = ()) -> str:
         _src, dst = next(iter(pairs))  # the first graph traced, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(dst.parent / data_name))
 
