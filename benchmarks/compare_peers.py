@@ -247,6 +247,23 @@ def table(results: dict[str, list[Timing]], rss: dict[str, float]) -> tuple[str,
     return "\n".join(lines), data
 
 
+def pairwise(results: dict[str, list[Timing]], rss: dict[str, float]) -> list[str]:
+    """``ours-P`` against ``genai-P`` (the same precision, the same rounds): the median of the
+    per-round decode ratios and each round's, prefill, and peak RSS; one line per pair."""
+    lines = []
+    for name, ours in results.items():
+        peer = "genai-" + name.removeprefix("ours-")
+        if not name.startswith("ours-") or peer not in results:
+            continue
+        theirs = results[peer]
+        dec = [o[1] / t[1] for o, t in zip(ours, theirs, strict=True)]
+        pre = [o[0] / t[0] for o, t in zip(ours, theirs, strict=True)]
+        lines.append(f"{name} / {peer}: decode {statistics.median(dec):.3f}x (rounds "
+                     f"{', '.join(f'{r:.2f}' for r in dec)}), prefill "
+                     f"{statistics.median(pre):.2f}x, peak RSS {rss[name]:.0f} / {rss[peer]:.0f} MB")
+    return lines
+
+
 def model_paths(model: str, bundle: Path | None, work: Path | None) -> tuple[str | None, Path, Path]:
     """``(source, bundle, work)`` for ``--model``: the built-in SmolLM2 or a models.py GGUF."""
     if model == "smollm2":
@@ -310,7 +327,10 @@ def main() -> None:
             engines.append(Engine(name, kind, *args))
         log(f"prompt {len(prompt)} tokens, {a.gen_len} new, {a.threads} threads, "
             f"{a.runs} measured rounds + 1 warm-up, interleaved, one process per engine")
-        text, data = table(interleave(engines, a.runs), {e.name: e.rss_mb for e in engines})
+        results = interleave(engines, a.runs)
+        rss = {e.name: e.rss_mb for e in engines}
+        text, data = table(results, rss)
+        text = "\n".join([text, *pairwise(results, rss)])
     finally:
         for e in engines:
             e.close()
