@@ -10,8 +10,10 @@ import resource
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 
+from llama_export.exporter import onnx_tidy
 from llama_export.exporter.export import ExportOptions, export_bundle
 from llama_export.exporter.testing import make_tiny_hf_model
 from llama_export.runtime.manifest import Manifest
@@ -24,6 +26,9 @@ BIG = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
 @pytest.mark.slow
 def test_export_over_2gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = make_tiny_hf_model(tmp_path / "big", **BIG)
+    # its 262 MB lm_head in 2 column slices (real ones start above 256 MiB): a > 2 GB trace
+    # stores a file per weight, which the split reads from
+    monkeypatch.setattr(onnx_tidy, "HEAD_SLICE_BYTES", 200 << 20)
     t0 = time.perf_counter()
     bundle = export_bundle(src, tmp_path / "bundle", ExportOptions(max_seq_len=512))
     seconds = time.perf_counter() - t0
@@ -43,6 +48,10 @@ def test_export_over_2gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     unpadded = v["ort_graph"]["unpadded_parity"]
     assert unpadded["passed"] and unpadded["max_abs_err"] <= 1e-4
     m.verify_files(bundle)
+    for file in ("model.ort.onnx", "model.ort.unpadded.onnx"):
+        g = onnx.load(str(bundle / file), load_external_data=False)
+        assert sorted(t.name for t in g.graph.initializer if ".cols" in t.name) == [
+            "lm_head.weight_t.cols0_16000", "lm_head.weight_t.cols16000_32000"]
     import onnxruntime as ort
 
     monkeypatch.chdir(tmp_path)  # external data resolves relative to the model, not the cwd
