@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from llama_export.runtime.manifest import SLICE_SUFFIX, slice_suffix
 
 # onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 (shared/DESIGN.md §9).
 MAX_IR_VERSION = 10
@@ -132,9 +133,6 @@ def is_lm_head(idx: GraphIndex, proj: Projection) -> bool:
     return name in idx.graph_outputs
 
 
-_SLICE_SUFFIX = re.compile(r"\.cols(\d+)_(\d+)$")
-
-
 def merge_lm_head_slices(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
     """Undo the exporter's column-sliced lm_head (exporter/onnx_tidy.py: ``split_lm_head``):
     the MatMuls over ``<weight>.cols<a>_<b>`` slices and their Concat become one MatMul over
@@ -146,33 +144,40 @@ def merge_lm_head_slices(model: onnx.ModelProto, base_dir: Path | None = None) -
         if concat.op_type != "Concat" or not is_lm_head(idx, Projection("", "", "", concat.output[0])):
             continue
         parts = [idx.producer.get(i) for i in concat.input]
-        weights = [p.input[1] if p is not None and p.op_type == "MatMul" else "" for p in parts]
-        spans = [_SLICE_SUFFIX.search(w) for w in weights]
-        if not all(spans) or len({p.input[0] for p in parts if p is not None}) != 1:
+        if any(p is None or p.op_type != "MatMul" for p in parts):
             continue
-        base = _SLICE_SUFFIX.sub("", weights[0])
-        ends = [(int(m.group(1)), int(m.group(2))) for m in spans if m]
-        if (ends[0][0] != 0 or any(a != b for (_, b), (a, _) in itertools.pairwise(ends))
-                or any(_SLICE_SUFFIX.sub("", w) != base for w in weights)):
+        matmuls = [p for p in parts if p is not None]
+        weights = [p.input[1] for p in matmuls]
+        base = _sliced_weight(weights)
+        if base is None or len({p.input[0] for p in matmuls}) != 1:
             continue
         merged = np.concatenate([idx.array(w) for w in weights], axis=1)
-        first = parts[0]
-        assert first is not None
-        node = onnx.helper.make_node("MatMul", [first.input[0], base], [concat.output[0]],
-                                     name=_SLICE_SUFFIX.sub("", first.name))
-        gone = {id(p) for p in parts} | {id(concat)}
-        nodes = list(model.graph.node)
-        at = nodes.index(concat)
-        kept = [n for i, n in enumerate(nodes) if id(n) not in gone or i == at]
-        kept[kept.index(concat)] = node
+        head = onnx.helper.make_node("MatMul", [matmuls[0].input[0], base], [concat.output[0]],
+                                     name=SLICE_SUFFIX.sub("", matmuls[0].name))
+        gone = {id(p) for p in matmuls}
+        nodes = [head if n is concat else n for n in model.graph.node if id(n) not in gone]
         del model.graph.node[:]
-        model.graph.node.extend(kept)
-        inits = [t for t in model.graph.initializer if t.name not in set(weights)]
+        model.graph.node.extend(nodes)
+        sliced = set(weights)
+        inits = [t for t in model.graph.initializer if t.name not in sliced]
         del model.graph.initializer[:]
-        model.graph.initializer.extend(inits)
-        model.graph.initializer.append(numpy_helper.from_array(merged, base))
-        return len(parts)
+        model.graph.initializer.extend([*inits, numpy_helper.from_array(merged, base)])
+        return len(matmuls)
     return 0
+
+
+def _sliced_weight(names: list[str]) -> str | None:
+    """``<weight>`` when ``names`` are its slices ``<weight>.cols<a>_<b>`` tiling its columns
+    from 0, in order (runtime/manifest.py: the slice convention); else None."""
+    found = [SLICE_SUFFIX.search(n) for n in names]
+    if not all(found):
+        return None
+    base = SLICE_SUFFIX.sub("", names[0])
+    spans = [(int(m.group(1)), int(m.group(2))) for m in found if m]
+    if spans[0][0] != 0 or any(b != a for (_, b), (a, _) in itertools.pairwise(spans)):
+        return None
+    return base if all(n == base + slice_suffix(a, b) for n, (a, b) in zip(names, spans,
+                                                                          strict=True)) else None
 
 
 def find_groups(model: onnx.ModelProto) -> list[Group]:

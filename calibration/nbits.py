@@ -41,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llama_export.runtime.manifest import column_slices, slice_suffix
+
 from .graph import GraphIndex, fresh_name, set_initializer
 
 MS_DOMAIN = "com.microsoft"
@@ -52,7 +54,6 @@ _BITS: dict[int, int] = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.U
 # columns (docstring: the load peak against the decode cost of slices).
 MAX_PACKED_BYTES = 8 << 20
 SLICE_SHARE = 16
-_SLICE_ALIGN = 16  # column slices start on multiples of 16 (the kernels' column tiles)
 
 
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int,
@@ -91,14 +92,6 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def column_slices(n: int, nbytes: int, max_bytes: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` column ranges splitting a packed weight of ``nbytes`` over ``n``
-    columns into parts of at most ~``max_bytes`` (one part when it already fits)."""
-    parts = max(1, _ceil_div(nbytes, max_bytes))
-    width = _ceil_div(_ceil_div(n, parts), _SLICE_ALIGN) * _SLICE_ALIGN
-    return [(a, min(a + width, n)) for a in range(0, n, width)]
 
 
 def slice_limit(total_packed_bytes: int) -> int:
@@ -184,7 +177,7 @@ def _nbits_nodes(model: onnx.ModelProto, mm: onnx.NodeProto, base: str,
     name = (mm.name or mm.output[0]) + "_nbits"
     nodes: list[onnx.NodeProto] = []
     for i, (a, b) in enumerate(slices):
-        part = "" if len(slices) == 1 else f".cols{a}_{b}"
+        part = "" if len(slices) == 1 else slice_suffix(a, b)
         names = [fresh_name(model, base + part + s)
                  for s in (".nbits", ".nbits_scales", ".nbits_zp")]
         set_initializer(model, names[0], np.ascontiguousarray(blob[a:b]))

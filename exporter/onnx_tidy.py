@@ -21,6 +21,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
+from llama_export.runtime.manifest import column_slices, slice_suffix
+
 # onnxruntime 1.31 accepts IR <= 13 while onnx 1.23 writes 14 by default (shared/DESIGN.md §9).
 MAX_IR_VERSION = 10
 
@@ -91,7 +93,6 @@ def drop_unused_norm_statistics(model: onnx.ModelProto) -> int:
 # the slices back before quantizing (calibration/graph.py: merge_lm_head_slices); quantized
 # graphs slice by their own rule (calibration/nbits.py). SmolLM2's 113 MB lm_head stays whole.
 HEAD_SLICE_BYTES = 256 << 20
-_HEAD_ALIGN = 16  # slices start on multiples of 16 columns (the GEMM kernels' column tiles)
 _FLOAT_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
@@ -119,16 +120,6 @@ def find_lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return None
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def column_slices(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` column ranges covering ``[0, n)``, each starting on a multiple of 16."""
-    width = _ceil_div(_ceil_div(n, parts), _HEAD_ALIGN) * _HEAD_ALIGN
-    return [(a, min(n, a + width)) for a in range(0, n, width)]
-
-
 def split_lm_head(model: onnx.ModelProto, base: Path, max_bytes: int | None = None) -> int:
     """Store a float lm_head above ``max_bytes`` as column slices: one MatMul per slice (inline
     weights; the caller externalizes them) and a Concat on the last axis in place of the
@@ -140,18 +131,20 @@ def split_lm_head(model: onnx.ModelProto, base: Path, max_bytes: int | None = No
         return 0
     g = model.graph
     weight = next(t for t in g.initializer if t.name == node.input[1])
-    if _nbytes(weight, base) <= max_bytes:
+    nbytes = _nbytes(weight, base)
+    if nbytes <= max_bytes:
         return 0
     k, n = (int(d) for d in weight.dims)
     w = np.frombuffer(_read(weight, base), dtype=_FLOAT_NP[weight.data_type]).reshape(k, n)
-    slices = column_slices(n, _ceil_div(_nbytes(weight, base), max_bytes))
+    slices = column_slices(n, nbytes, max_bytes)
     nodes, outs = [], []
     for a, b in slices:
-        part = numpy_helper.from_array(np.ascontiguousarray(w[:, a:b]), f"{weight.name}.cols{a}_{b}")
+        cols = slice_suffix(a, b)
+        part = numpy_helper.from_array(np.ascontiguousarray(w[:, a:b]), weight.name + cols)
         g.initializer.append(part)
-        outs.append(f"{node.output[0]}.cols{a}_{b}")
+        outs.append(node.output[0] + cols)
         nodes.append(onnx.helper.make_node("MatMul", [node.input[0], part.name], [outs[-1]],
-                                           name=f"{node.name}.cols{a}_{b}"))
+                                           name=node.name + cols))
     del w
     nodes.append(onnx.helper.make_node("Concat", outs, [node.output[0]], axis=-1,
                                        name=f"{node.name}.concat"))

@@ -32,6 +32,11 @@ IO entries are ``{name, dtype, dims}``; KV entries use templates (``past_key_val
 ``seq``, ``past``, ``total`` = past + seq) or integers. A variant's ``logits`` says which
 positions its ``logits`` output holds: ``all`` (dim ``seq``), ``last`` (dim 1) or ``tail:N``
 (dim ``tail`` = min(seq, N)); ``backends.base.logits_window`` reads it.
+
+A graph may store a large weight as column slices: one MatMul per slice of ``<weight>.cols<a>_<b>``
+(columns ``[a, b)``, each starting on a multiple of 16) and one Concat. The exporter does so
+for a large float lm_head in the ONNX-Runtime graphs, calibration for large packed weights;
+:func:`column_slices`, :func:`slice_suffix` and :data:`SLICE_SUFFIX` are that convention.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,6 +78,28 @@ class TensorSpec:
     name: str
     dtype: str
     dims: tuple[str | int, ...]
+
+
+SLICE_ALIGN = 16  # column slices start on multiples of 16 columns (the GEMM kernels' tiles)
+SLICE_SUFFIX = re.compile(r"\.cols(\d+)_(\d+)$")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def slice_suffix(a: int, b: int) -> str:
+    """The name suffix of the slice holding columns ``[a, b)``."""
+    return f".cols{a}_{b}"
+
+
+def column_slices(n: int, nbytes: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` column ranges splitting a weight of ``nbytes`` over ``n`` columns into
+    parts of at most ~``max_bytes`` (one part when it already fits)."""
+    parts = max(1, _ceil_div(nbytes, max_bytes))
+    width = _ceil_div(_ceil_div(n, parts), SLICE_ALIGN) * SLICE_ALIGN
+    return [(a, min(a + width, n)) for a in range(0, n, width)]
+
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -20,9 +20,9 @@ from llama_export.calibration.bundle_io import load_ort_graph
 from llama_export.calibration.graph import merge_lm_head_slices
 from llama_export.calibration.pipeline import QuantizeOptions, quantize
 from llama_export.exporter import onnx_tidy
-from llama_export.exporter.onnx_tidy import column_slices, find_lm_head
+from llama_export.exporter.onnx_tidy import find_lm_head
 from llama_export.runtime import load_bundle
-from llama_export.runtime.manifest import Manifest
+from llama_export.runtime.manifest import Manifest, column_slices
 
 from .test_calib_bundle import LOOSE
 
@@ -48,7 +48,7 @@ def _graph(bundle: Path, kind: str) -> onnx.ModelProto:
 
 def test_column_slices_cover_the_columns_on_tiles() -> None:
     for n, parts in [(151936, 4), (320, 3), (100, 7), (17, 1), (16, 5)]:
-        s = column_slices(n, parts)
+        s = column_slices(n, parts * 1000 - 1, 1000)  # bytes just under `parts` x the limit
         assert s[0][0] == 0 and s[-1][1] == n and len(s) <= parts
         assert all(b == c for (_, b), (c, _) in itertools.pairwise(s))
         assert all(a % 16 == 0 and b > a for a, b in s)
@@ -128,3 +128,14 @@ def test_quantized_graphs_equal_the_unsliced_exports(sliced_bundle: Path, tiny_b
     assert ta.keys() == tb.keys()
     for k, value in ta.items():
         np.testing.assert_array_equal(value, tb[k], err_msg=k)
+
+
+def test_only_slices_that_tile_the_columns_from_0_are_merged() -> None:
+    from llama_export.calibration.graph import _sliced_weight
+
+    w = "lm_head.weight_t"
+    assert _sliced_weight([f"{w}.cols0_16", f"{w}.cols16_40"]) == w
+    assert _sliced_weight([f"{w}.cols16_32", f"{w}.cols32_40"]) is None  # not from column 0
+    assert _sliced_weight([f"{w}.cols0_16", f"{w}.cols32_40"]) is None  # a gap
+    assert _sliced_weight([f"{w}.cols0_16", "other.cols16_40"]) is None  # two weights
+    assert _sliced_weight([f"{w}.cols0_16", w]) is None  # not a slice
